@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Both build .venv from pinned files.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# DDS stays on this machine; tests pick their own domain ids on top of this default.
+export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
+export ROS_DOMAIN_ID ?= 42
+export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
+EPIC_ANNOTATIONS ?= ../shared/epic100
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ERROR: $(PYTHON) not found"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/malmm-demo --labels-dir $(EPIC_ANNOTATIONS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check malmm_ros test bench setup.py
+
+test: lint
+	$(PY) -m pytest -q -rs test
+
+bench: $(STAMP)
+	$(PY) bench/stream_bench.py
+
+clean:
+	rm -rf $(VENV) build install log *.egg-info

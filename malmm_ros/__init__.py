@@ -1,0 +1,6 @@
+"""malmm_ros: online action anticipation with MA-LMM long-term memory, for ROS 2.
+
+The core (model, pipeline, data, metrics) imports no ROS; `malmm_ros.ros` is the thin adapter.
+"""
+
+__version__ = '0.1.0'

@@ -1,0 +1,250 @@
+"""One configuration schema for the node, the CLIs and the pipeline.
+
+config/anticipate.yaml is a ROS 2 parameter file (`/**: ros__parameters: ...`); nested keys become
+dotted parameter names (`model.num_layers`). Every field carries its valid range in metadata so the
+node can declare parameter descriptors from the same source. Values are validated once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from malmm_ros.errors import ConfigError
+
+__all__ = [
+    'PRESETS',
+    'AnticipateConfig',
+    'LabelsConfig',
+    'ModelConfig',
+    'flatten',
+    'load_config',
+]
+
+
+def _spec(default: Any, doc: str, lo: float | None = None, hi: float | None = None,
+          choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its documentation and valid range (read by the node too)."""
+    return field(default=default, metadata={'doc': doc, 'range': (lo, hi), 'choices': choices})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the memory-augmented Q-Former and its visual adapter (weights must match)."""
+
+    preset: str = _spec('edge', 'named base configuration', choices=('edge', 'blip2'))
+    num_layers: int = _spec(4, 'Q-Former blocks', 1, 48)
+    hidden_size: int = _spec(256, 'Q-Former width', 8, 4096)
+    num_heads: int = _spec(4, 'attention heads (must divide hidden_size)', 1, 64)
+    intermediate_size: int = _spec(1024, 'feed-forward width', 8, 16384)
+    num_queries: int = _spec(32, 'learned query tokens', 1, 256)
+    encoder_width: int = _spec(256, 'width of visual tokens entering cross-attention', 8, 4096)
+    cross_attention_every: int = _spec(2, 'layer i cross-attends when i % this == 0', 1, 48)
+    time_buckets: int = _spec(16, 'log-spaced age buckets of the relative-time bias', 2, 256)
+    max_age_s: float = _spec(600.0, 'ages beyond this share the last time bucket', 1.0, 1e7)
+    recompute_projections: bool = _spec(
+        False, 'recompute bank key/value projections every step (slow; for comparison)')
+
+    # Fields that describe weights; the rest are run-time switches.
+    ARCHITECTURE = ('num_layers', 'hidden_size', 'num_heads', 'intermediate_size',
+                    'num_queries', 'encoder_width', 'cross_attention_every', 'time_buckets',
+                    'max_age_s')
+
+    def __post_init__(self) -> None:
+        _validate(self, 'model')
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f'model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads '
+                f'({self.num_heads})'
+            )
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields a checkpoint's weights depend on."""
+        return {name: getattr(self, name) for name in self.ARCHITECTURE}
+
+    def cross_attention_layers(self) -> tuple[int, ...]:
+        """Indices of the layers that cross-attend to the visual bank."""
+        return tuple(i for i in range(self.num_layers) if i % self.cross_attention_every == 0)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough for a 2-core CPU or a Jetson: the per-step cost stays near the encoder's.
+    'edge': {},
+    # BLIP-2 / InstructBLIP Q-Former geometry (EVA-CLIP ViT-g features are 1408 wide).
+    'blip2': {'num_layers': 12, 'hidden_size': 768, 'num_heads': 12, 'intermediate_size': 3072,
+              'encoder_width': 1408},
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig of a named preset with optional field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f'unknown model.preset {name!r}; choose one of {sorted(PRESETS)}')
+    return ModelConfig(preset=name, **{**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Where label names come from when no trained checkpoint supplies them."""
+
+    verb_classes: str = _spec('', 'EK-100 verb class CSV (EPIC_100_verb_classes.csv); empty: '
+                              'placeholder names')
+    noun_classes: str = _spec('', 'EK-100 noun class CSV (EPIC_100_noun_classes.csv)')
+
+    def __post_init__(self) -> None:
+        _validate(self, 'labels')
+
+
+@dataclass(frozen=True)
+class AnticipateConfig:
+    """Everything the pipeline and the node need; mirrors config/anticipate.yaml."""
+
+    sample_fps: float = _spec(1.0, 'frames per second fed to the memory (0: every frame)',
+                              0.0, 1000.0)
+    publish_every_n: int = _spec(1, 'predict every n sampled frames', 1, 10000)
+    memory_bank_length: int = _spec(20, 'memory capacity M of every bank, in slots', 1, 1000)
+    backend: str = _spec('torch', 'image encoder backend', choices=('torch', 'auto'))
+    checkpoint: str = _spec('', 'trained safetensors checkpoint; empty: untrained heads')
+    device: str = _spec('cpu', 'torch device for the model', choices=('cpu', 'cuda'))
+    num_threads: int = _spec(0, 'torch intra-op threads (0: library default)', 0, 256)
+    max_gap_s: float = _spec(10.0, 'a stamp gap longer than this resets the memory (0: never)',
+                             0.0, 1e6)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self, '')
+
+    def replace(self, **changes: Any) -> AnticipateConfig:
+        """A copy with top-level fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-Python dict (the shape of `ros__parameters`)."""
+        return dataclasses.asdict(self)
+
+    def to_parameters(self) -> dict[str, Any]:
+        """Flat {dotted name: value}: the node's parameter names and defaults."""
+        return flatten(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = '<dict>') -> AnticipateConfig:
+        """Build from a nested or dotted dict, or a whole ROS 2 parameter file's contents."""
+        flat = flatten(_unwrap_ros_parameters(data, source))
+        model_fields = {k.split('.', 1)[1]: v for k, v in flat.items() if k.startswith('model.')}
+        label_fields = {k.split('.', 1)[1]: v for k, v in flat.items() if k.startswith('labels.')}
+        top = {k: v for k, v in flat.items() if '.' not in k}
+        unknown = sorted(set(flat) - set(top) - {f'model.{k}' for k in model_fields}
+                         - {f'labels.{k}' for k in label_fields})
+        unknown += sorted(k for k in top if k not in _field_names(cls) or k in ('model', 'labels'))
+        unknown += sorted(f'model.{k}' for k in model_fields if k not in _field_names(ModelConfig))
+        unknown += sorted(f'labels.{k}' for k in label_fields
+                          if k not in _field_names(LabelsConfig))
+        if unknown:
+            raise ConfigError(f'{source}: unknown parameter(s) {", ".join(unknown)}')
+        try:
+            preset = model_fields.pop('preset', 'edge')
+            if not isinstance(preset, str):
+                raise ConfigError(f'model.preset must be a string, got {preset!r}')
+            model = model_preset(preset, **_coerce(ModelConfig, model_fields, 'model'))
+            labels = LabelsConfig(**_coerce(LabelsConfig, label_fields, 'labels'))
+            return cls(model=model, labels=labels, **_coerce(cls, top, ''))
+        except ConfigError as exc:
+            raise ConfigError(f'{source}: {exc}') from None
+
+
+def load_config(source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None = None
+                ) -> AnticipateConfig:
+    """Config from a YAML path, a dict, an existing config or None (the defaults)."""
+    if source is None:
+        return AnticipateConfig()
+    if isinstance(source, AnticipateConfig):
+        return source
+    if isinstance(source, dict):
+        return AnticipateConfig.from_dict(source)
+    path = Path(source)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f'cannot read config {path}: {exc.strerror}') from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'{path}: not valid YAML ({exc})') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: expected a mapping at the top level')
+    return AnticipateConfig.from_dict(data, source=str(path))
+
+
+def flatten(data: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    """{'model': {'num_layers': 4}} -> {'model.num_layers': 4}; dotted keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, dict):
+            flat.update(flatten(value, f'{name}.'))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _unwrap_ros_parameters(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Accept `{node: {ros__parameters: {...}}}` as written by ROS 2 parameter files."""
+    blocks = [v['ros__parameters'] for v in data.values()
+              if isinstance(v, dict) and 'ros__parameters' in v]
+    if not blocks:
+        return data
+    if len(blocks) > 1:
+        raise ConfigError(f'{source}: more than one node section; keep one (e.g. "/**")')
+    if not isinstance(blocks[0], dict):
+        raise ConfigError(f'{source}: ros__parameters must be a mapping')
+    return blocks[0]
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _coerce(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """Check each value's type against the dataclass field; ints are accepted for floats."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in values.items():
+        label = f'{section}.{name}' if section else name
+        kind = types[name]
+        if kind == 'bool':
+            ok = isinstance(value, bool)
+        elif kind == 'int':
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == 'float':
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif kind == 'str':
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f'{label} must be of type {kind}, got {value!r}')
+        out[name] = value
+    return out
+
+
+def _validate(obj: Any, section: str) -> None:
+    """Range and choice checks from each field's metadata."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        label = f'{section}.{f.name}' if section else f.name
+        choices = f.metadata.get('choices')
+        if choices is not None and value not in choices:
+            raise ConfigError(f'{label} must be one of {list(choices)}, got {value!r}')
+        lo, hi = f.metadata.get('range', (None, None))
+        if lo is None and hi is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f'{label} must be finite, got {value!r}')
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f'{label} must be in [{lo}, {hi}], got {value!r}')

@@ -1,0 +1,394 @@
+"""MA-LMM long-term memory: memory banks, memory bank compression and the per-stream state.
+
+A bank holds T slots of N token positions. Compression (MBC) follows the public MA-LMM code: for
+each token position separately, merge the most similar pair of temporally adjacent slots into their
+count-weighted mean. Every tensor a bank carries beside its tokens (cached key/value projections,
+slot times) is merged with the same pair and the same weights, which keeps the cache exact: a
+weighted mean whose weights sum to one commutes with an affine map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'MemoryBank',
+    'StreamMemory',
+    'memory_bank_compress',
+    'merge_adjacent_slots',
+    'most_similar_adjacent_pair',
+]
+
+
+def most_similar_adjacent_pair(bank: torch.Tensor) -> torch.Tensor:
+    """Index k of the most cosine-similar adjacent slot pair (k, k+1), per batch and position.
+
+    bank: [B, T, N, C] with T >= 2. Returns [B, N] int64. Ties go to the earliest pair.
+    """
+    unit = F.normalize(bank, dim=-1, eps=1e-12)
+    similarity = (unit[:, :-1] * unit[:, 1:]).sum(dim=-1)  # (B, T-1, N)
+    return similarity.argmax(dim=1)
+
+
+def merge_adjacent_slots(
+    values: torch.Tensor, counts: torch.Tensor, k: torch.Tensor
+) -> torch.Tensor:
+    """Merge slots k and k+1 of `values` into their count-weighted mean, per (batch, position).
+
+    values: [B, T, N, *]; counts: [B, T, N] (frames already merged into each slot); k: [B, N].
+    Returns [B, T-1, N, *]: slots before k unchanged, the merged slot at k, later slots shifted.
+    """
+    batch, slots, positions = counts.shape
+    tail = values.shape[3:]
+    slot = torch.arange(slots - 1, device=values.device).view(1, -1, 1)  # (1, T-1, 1)
+    k_b = k.unsqueeze(1)  # (B, 1, N)
+    source = slot + (slot > k_b).long()  # (B, T-1, N): which old slot lands in each new slot
+    expand = source.view(batch, slots - 1, positions, *([1] * len(tail))).expand(
+        batch, slots - 1, positions, *tail
+    )
+    shifted = values.gather(1, expand)
+
+    index = k_b.view(batch, 1, positions, *([1] * len(tail))).expand(batch, 1, positions, *tail)
+    first = values.gather(1, index)  # (B, 1, N, *)
+    second = values.gather(1, index + 1)
+    c_first = counts.gather(1, k_b).to(values.dtype)  # (B, 1, N)
+    c_second = counts.gather(1, k_b + 1).to(values.dtype)
+    total = c_first + c_second
+    w_first = (c_first / total).view(batch, 1, positions, *([1] * len(tail)))
+    w_second = (c_second / total).view(batch, 1, positions, *([1] * len(tail)))
+    merged = w_first * first + w_second * second
+    at_k = (slot == k_b).view(batch, slots - 1, positions, *([1] * len(tail)))
+    return torch.where(at_k, merged, shifted)
+
+
+def _merge_counts(counts: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Counts after merging slots k and k+1: the two counts add, later slots shift left."""
+    slots = counts.shape[1]
+    slot = torch.arange(slots - 1, device=counts.device).view(1, -1, 1)
+    k_b = k.unsqueeze(1)
+    shifted = counts.gather(1, slot.expand(counts.shape[0], -1, counts.shape[2]) + (slot > k_b))
+    summed = counts.gather(1, k_b) + counts.gather(1, k_b + 1)
+    return torch.where(slot == k_b, summed, shifted)
+
+
+def memory_bank_compress(
+    bank: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MBC step: bank [B, T, N, C], counts [B, T, N] -> [B, T-1, N, C], [B, T-1, N].
+
+    For every (b, n) the most similar adjacent pair is merged into its count-weighted mean
+    (the public MA-LMM code's rule); counts add, so each position's counts still sum to the
+    number of frames seen.
+    """
+    if bank.dim() != 4 or counts.shape != bank.shape[:3]:
+        raise ValueError(
+            f'bank must be [B,T,N,C] and counts [B,T,N]; got {tuple(bank.shape)} and '
+            f'{tuple(counts.shape)}'
+        )
+    if bank.shape[1] < 2:
+        raise ValueError(f'cannot compress a bank of {bank.shape[1]} slot(s)')
+    k = most_similar_adjacent_pair(bank)
+    return merge_adjacent_slots(bank, counts, k), _merge_counts(counts, k)
+
+
+class MemoryBank:
+    """Up to `capacity` slots of N token positions, with counts and count-weighted mean times.
+
+    Storage is preallocated (capacity + 1 physical slots) and slots are never shifted: every
+    position keeps its own temporal order as an index, and the similarity of each temporally
+    adjacent pair is kept up to date as frames arrive and merge. A step therefore costs O(N*C)
+    whatever M is, apart from the attention that reads the bank.
+
+    `fields` are tensors stored beside the tokens (name -> width) that follow every merge, such
+    as the cached key/value projections of the attention layers reading this bank.
+    capacity=None never compresses (the no-compression baseline of the benchmark).
+
+    A frame enters in two phases: `add_frame` writes its tokens into a free slot (attention then
+    reads [stored ; current] as one view, no copy), `write` fills its cached fields, and `commit`
+    compresses once if the bank now holds more than `capacity` frames.
+    """
+
+    def __init__(self, capacity: int | None, fields: Mapping[str, int] | None = None) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f'memory capacity must be >= 1 or None, got {capacity}')
+        self.capacity = capacity
+        self.fields = dict(fields or {})
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every slot (storage is kept for reuse)."""
+        self._len = 0
+        self._data: torch.Tensor | None = getattr(self, '_data', None)  # (B, S, N, W) packed
+        self._counts: torch.Tensor | None = getattr(self, '_counts', None)  # (B, S, N) f64
+        self._times: torch.Tensor | None = getattr(self, '_times', None)  # (B, S, N) f64 s
+        self._order: torch.Tensor | None = None  # (B, S, N): physical slot of t-th oldest
+        self._sims: torch.Tensor | None = None  # (B, S, N): cos(order[t], order[t+1])
+        self._newest: torch.Tensor | None = None  # (B, 1, N): physical slot of newest frame
+        self._free: torch.Tensor | None = None  # (B, 1, N): physical slot for the next frame
+        self.frames_seen = 0
+        self.compressions = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def _slice(self, name: str) -> slice:
+        assert self._data is not None
+        if name == 'tokens':
+            return slice(0, self._data.shape[-1] - sum(self.fields.values()))
+        offset = self._data.shape[-1] - sum(self.fields.values())
+        for field_name, width in self.fields.items():
+            if field_name == name:
+                return slice(offset, offset + width)
+            offset += width
+        raise KeyError(f'bank has no field {name!r}; fields: {sorted(self.fields)}')
+
+    def has(self, name: str) -> bool:
+        """Whether the bank stores `name` (tokens always; cached fields if configured)."""
+        return name == 'tokens' or name in self.fields
+
+    def _allocate(self, tokens: torch.Tensor) -> None:
+        batch, positions, width = tokens.shape
+        slots = self.capacity + 1 if self.capacity is not None else 16
+        shape = (batch, slots, positions)
+        packed = width + sum(self.fields.values())
+        data = self._data
+        if data is None or data.shape != (*shape, packed) or data.dtype != tokens.dtype \
+                or data.device != tokens.device:
+            self._data = tokens.new_zeros(*shape, packed)
+            self._counts = torch.zeros(shape, dtype=torch.float64, device=tokens.device)
+            self._times = torch.zeros(shape, dtype=torch.float64, device=tokens.device)
+        self._order = torch.arange(slots, device=tokens.device).view(1, -1, 1).expand(
+            shape).contiguous()
+        self._sims = torch.zeros(shape, dtype=tokens.dtype, device=tokens.device)
+        self._free = torch.zeros(batch, 1, positions, dtype=torch.long, device=tokens.device)
+
+    def _grow(self) -> None:
+        """Double the storage of an uncompressed bank (capacity=None)."""
+        assert self._data is not None and self._counts is not None and self._times is not None
+        assert self._order is not None and self._sims is not None
+        slots = self._data.shape[1]
+        self._data = torch.cat([self._data, torch.zeros_like(self._data)], dim=1)
+        self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)], dim=1)
+        self._times = torch.cat([self._times, torch.zeros_like(self._times)], dim=1)
+        extra = torch.arange(slots, 2 * slots, device=self._order.device).view(1, -1, 1)
+        self._order = torch.cat([self._order, extra.expand_as(self._order)], dim=1)
+        self._sims = torch.cat([self._sims, torch.zeros_like(self._sims)], dim=1)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def add_frame(self, tokens: torch.Tensor, time_s: float) -> None:
+        """Write one frame's tokens [B, N, C] stamped `time_s` (seconds) into a free slot."""
+        tokens = tokens.detach()
+        if self._len == 0:
+            self._allocate(tokens)
+        elif self._len == self._data.shape[1]:
+            self._grow()
+        assert self._data is not None and self._free is not None and self._order is not None
+        if tokens.shape[::2] != (self._data.shape[0], self._data.shape[-1]
+                                 - sum(self.fields.values())) \
+                or tokens.shape[1] != self._data.shape[2]:
+            raise ValueError(f'frame tokens {tuple(tokens.shape)} do not fit bank '
+                             f'{tuple(self._data.shape)}')
+        slot = self._free
+        self._scatter('tokens', slot, tokens)
+        self._counts.scatter_(1, slot, 1.0)
+        self._times.scatter_(1, slot, float(time_s))
+        self._order.scatter_(1, torch.full_like(slot, self._len), slot)
+        if self._len:
+            previous = self._order[:, self._len - 1:self._len]
+            sim = _cosine(self._gather('tokens', previous), tokens.unsqueeze(1))
+            self._sims[:, self._len - 1:self._len] = sim
+        self._newest = slot
+        self._len += 1
+        self.frames_seen += 1
+        self._free = torch.full_like(slot, self._len)
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        """Fill cached field `name` of the newest frame with value [B, N, W]."""
+        if self._newest is None:
+            raise RuntimeError('write() before add_frame()')
+        self._scatter(name, self._newest, value.detach())
+
+    def commit(self) -> None:
+        """Finish the newest frame: compress once if the bank holds more than capacity."""
+        if self.capacity is not None and self._len > self.capacity:
+            self._compress()
+
+    def append(self, tokens: torch.Tensor, time_s: float,
+               fields: Mapping[str, torch.Tensor] | None = None) -> None:
+        """add_frame, write every field, commit: one frame [B, N, C] in one call."""
+        self.add_frame(tokens, time_s)
+        for name, value in (fields or {}).items():
+            self.write(name, value)
+        self.commit()
+
+    def _compress(self) -> None:
+        """Merge the most similar adjacent pair of every position (MBC), in place."""
+        assert self._data is not None and self._counts is not None and self._times is not None
+        assert self._order is not None and self._sims is not None
+        length = self._len
+        k = self._sims[:, :length - 1].argmax(dim=1, keepdim=True)  # (B, 1, N)
+        keep = self._order.gather(1, k)  # physical slots: merged into `keep`, `drop` freed
+        drop = self._order.gather(1, k + 1)
+        c_keep, c_drop = self._counts.gather(1, keep), self._counts.gather(1, drop)
+        w_keep, w_drop = c_keep / (c_keep + c_drop), c_drop / (c_keep + c_drop)
+        data_w = (w_keep.to(self._data.dtype).unsqueeze(-1),
+                  w_drop.to(self._data.dtype).unsqueeze(-1))
+        merged = data_w[0] * self._gather(None, keep) + data_w[1] * self._gather(None, drop)
+        self._data.scatter_(1, _expand(keep, merged.shape), merged)
+        times = w_keep * self._times.gather(1, keep) + w_drop * self._times.gather(1, drop)
+        self._times.scatter_(1, keep, times)
+        self._counts.scatter_(1, keep, c_keep + c_drop)
+        self._counts.scatter_(1, drop, 0.0)
+
+        # Remove entry k+1 from the temporal order and the adjacent-pair similarities.
+        index = torch.arange(self._order.shape[1], device=k.device).view(1, -1, 1)
+        source = (index + (index > k).long()).clamp(max=self._order.shape[1] - 1)
+        self._order = self._order.gather(1, source)
+        self._sims = self._sims.gather(1, source)
+        self._len = length - 1
+        merged_tokens = merged[..., self._slice('tokens')]
+        # pair (k-1, k): exists when k > 0
+        before = self._order.gather(1, (k - 1).clamp(min=0))
+        sim_before = _cosine(self._gather('tokens', before), merged_tokens)
+        at = (k - 1).clamp(min=0)
+        old = self._sims.gather(1, at)
+        self._sims.scatter_(1, at, torch.where(k > 0, sim_before, old))
+        # pair (k, k+1) of the new order: exists when k + 1 < new length
+        nxt = (k + 1).clamp(max=self._len - 1)
+        sim_after = _cosine(merged_tokens, self._gather('tokens', self._order.gather(1, nxt)))
+        old = self._sims.gather(1, k)
+        self._sims.scatter_(1, k, torch.where(k + 1 < self._len, sim_after, old))
+        self._free = drop
+        self.compressions += 1
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def view(self, name: str) -> torch.Tensor:
+        """Field `name` of every slot in use, in storage order: [B, S_used, N, W] (a view).
+
+        Attention does not depend on slot order, so it reads this directly; during a step the
+        newest frame is included. Pair it with `ages`, which uses the same order.
+        """
+        if self._data is None or self._len == 0:
+            raise RuntimeError('the bank is empty')
+        return self._data[:, :self._used(), :, self._slice(name)]
+
+    def ages(self, now_s: float) -> torch.Tensor:
+        """Age in seconds of every slot in use, in storage order: [B, S_used, N] float64."""
+        assert self._times is not None
+        return now_s - self._times[:, :self._used()]
+
+    def place_newest(self, stored: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """`stored` [B, S_used, N, W] with the newest frame's entries replaced by `live` [B, N, W].
+
+        Out of place, so gradients reach `live` (training); the stored copy is detached.
+        """
+        assert self._newest is not None
+        return stored.scatter(1, _expand(self._newest, (*live.shape[:1], 1, *live.shape[1:])),
+                              live.unsqueeze(1))
+
+    def _used(self) -> int:
+        # Until the first compression, slots 0..len-1 are used; afterwards all physical slots
+        # are, the freed one holding the newest frame during a step.
+        assert self._data is not None
+        return min(self._data.shape[1], self._len if self.compressions == 0
+                   else self._data.shape[1])
+
+    def ordered(self, name: str = 'tokens') -> torch.Tensor:
+        """Field `name` of the stored slots, oldest first: [B, T, N, W] (a copy)."""
+        if self._data is None or self._len == 0:
+            raise RuntimeError('the bank is empty')
+        return self._gather(name, self._order[:, :self._len])
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Stored tokens oldest first: [B, T, N, C]."""
+        return self.ordered('tokens')
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Frames merged into each stored slot, oldest first: [B, T, N] float64."""
+        assert self._counts is not None and self._order is not None
+        return self._counts.gather(1, self._order[:, :self._len])
+
+    @property
+    def times(self) -> torch.Tensor:
+        """Count-weighted mean timestamp (seconds) of each stored slot, oldest first: [B, T, N]."""
+        assert self._times is not None and self._order is not None
+        return self._times.gather(1, self._order[:, :self._len])
+
+    def nbytes(self) -> int:
+        """Bytes of storage held by the bank."""
+        tensors = (self._data, self._counts, self._times, self._order, self._sims)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _gather(self, name: str | None, slots: torch.Tensor) -> torch.Tensor:
+        """Field `name` (None: every field) at physical `slots` [B, K, N] -> [B, K, N, W]."""
+        assert self._data is not None
+        data = self._data if name is None else self._data[..., self._slice(name)]
+        return data.gather(1, _expand(slots, (*slots.shape, data.shape[-1])))
+
+    def _scatter(self, name: str, slots: torch.Tensor, value: torch.Tensor) -> None:
+        assert self._data is not None
+        target = self._data[..., self._slice(name)]
+        value = value.unsqueeze(1) if value.dim() == 3 else value
+        target.scatter_(1, _expand(slots, value.shape), value.to(target.dtype))
+
+
+def _expand(slots: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Index [B, K, N] broadcast over a trailing width: [B, K, N, W]."""
+    return slots.unsqueeze(-1).expand(*shape)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity over the last dim, computed exactly as `most_similar_adjacent_pair`."""
+    return (F.normalize(a, dim=-1, eps=1e-12) * F.normalize(b, dim=-1, eps=1e-12)).sum(dim=-1)
+
+
+class StreamMemory:
+    """All memory of one stream: the visual bank and one query bank per Q-Former layer.
+
+    One object, owned by the pipeline and passed to the Q-Former each step; `reset()` clears
+    every bank together (the public code resets query banks on a frame counter instead).
+    With cache_projections the banks also keep each attention layer's key/value projections of
+    stored frames; without it every step recomputes them, as the public code does.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        capacity: int | None,
+        *,
+        visual_fields: Mapping[str, int] | None = None,
+        query_fields: Mapping[str, int] | None = None,
+        cache_projections: bool = True,
+    ) -> None:
+        self.visual = MemoryBank(capacity, visual_fields if cache_projections else None)
+        self.queries = [MemoryBank(capacity, query_fields if cache_projections else None)
+                        for _ in range(num_layers)]
+        self.capacity = capacity
+        self.cache_projections = cache_projections
+        self.frames_seen = 0
+
+    def reset(self) -> None:
+        """Forget everything: visual bank, query banks and the frame count."""
+        self.visual.reset()
+        for bank in self.queries:
+            bank.reset()
+        self.frames_seen = 0
+
+    def __len__(self) -> int:
+        """Slots currently stored in the visual bank."""
+        return len(self.visual)
+
+    def nbytes(self) -> int:
+        """Bytes held by every bank."""
+        return self.visual.nbytes() + sum(bank.nbytes() for bank in self.queries)

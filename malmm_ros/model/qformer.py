@@ -1,0 +1,159 @@
+"""The memory-augmented Q-Former of MA-LMM, one frame per step.
+
+BERT-style post-norm blocks over a fixed set of learned queries:
+- self-attention: keys/values = [this layer's query bank ; current queries];
+- cross-attention (every `cross_attention_every` layers): keys/values = [visual bank ; current
+  frame tokens];
+- feed-forward.
+Memory lives in a `StreamMemory` passed in on every step; no layer keeps state. When the memory
+caches projections, each step projects only the current frame and reads stored frames' keys and
+values from the banks (merged by compression with the same weights as the tokens: exact).
+
+Classes read leaf to root: attention, feed-forward, block, Q-Former.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from malmm_ros.config import ModelConfig
+from malmm_ros.model.memory import MemoryBank, StreamMemory
+from malmm_ros.model.time_encoding import RelativeTimeBias
+
+__all__ = ['FeedForward', 'MemoryAttention', 'MemoryQFormer', 'QFormerLayer']
+
+
+class MemoryAttention(nn.Module):
+    """Multi-head attention of the queries over [bank ; current], then residual and LayerNorm.
+
+    `cache_key` names this layer's cached projections inside the bank it reads.
+    """
+
+    def __init__(self, config: ModelConfig, kv_width: int, cache_key: str) -> None:
+        super().__init__()
+        width = config.hidden_size
+        self.num_heads = config.num_heads
+        self.cache_key = cache_key
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+        self.output = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=1e-12)
+        self.time_bias = RelativeTimeBias(config.num_heads, config.time_buckets, config.max_age_s)
+
+    def forward(
+        self, hidden: torch.Tensor, current: torch.Tensor, bank: MemoryBank, now_s: float
+    ) -> torch.Tensor:
+        """hidden [B, Q, D] attends over the bank, whose newest frame is `current` [B, N, C].
+
+        The caller has already put `current` into the bank (add_frame); this writes the frame's
+        key/value projections into the bank's cache (when it has one) and reads every stored
+        frame's from there, so stored frames are never projected again.
+        """
+        batch, num_q, width = hidden.shape
+        key_name, value_name = f'{self.cache_key}.k', f'{self.cache_key}.v'
+        live = torch.is_grad_enabled() and current.requires_grad
+        if bank.has(key_name):
+            key_now, value_now = self.key(current), self.value(current)  # (B, N, D)
+            bank.write(key_name, key_now)
+            bank.write(value_name, value_now)
+            keys, values = bank.view(key_name), bank.view(value_name)  # (B, S, N, D)
+            if live:  # let gradients reach this frame's projections (the cache is detached)
+                keys = bank.place_newest(keys, key_now)
+                values = bank.place_newest(values, value_now)
+        else:  # recompute every stored frame's projections, as the public code does
+            tokens = bank.view('tokens')
+            if live:
+                tokens = bank.place_newest(tokens, current)
+            keys, values = self.key(tokens), self.value(tokens)
+        ages = bank.ages(now_s).flatten(1)  # (B, S*N)
+
+        head_dim = width // self.num_heads
+        q = self.query(hidden).view(batch, num_q, self.num_heads, head_dim).transpose(1, 2)
+        k = keys.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, h, S*N, hd)
+        v = values.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)
+        bias = self.time_bias(ages).to(q.dtype)  # (B, h, 1, S*N)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, Q, hd)
+        context = context.transpose(1, 2).reshape(batch, num_q, width)
+        return self.norm(hidden + self.output(context))
+
+
+class FeedForward(nn.Module):
+    """Dense, GELU, dense, then residual and LayerNorm (BERT's intermediate/output pair)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dense_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_out = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden + self.dense_out(F.gelu(self.dense_in(hidden))))
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention over the query bank, optional cross-attention, feed-forward."""
+
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.self_attention = MemoryAttention(config, config.hidden_size, 'self')
+        self.cross_attention = (
+            MemoryAttention(config, config.encoder_width, f'cross{index}')
+            if index in config.cross_attention_layers() else None
+        )
+        self.feed_forward = FeedForward(config)
+
+
+class MemoryQFormer(nn.Module):
+    """Learned queries read one frame per step, with the stream's memory, into [B, Q, D]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_queries, config.hidden_size))
+        nn.init.trunc_normal_(self.query_tokens, std=0.02)
+        self.embed_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.layers = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_layers))
+
+    def new_memory(self, capacity: int | None, *, cache_projections: bool = True) -> StreamMemory:
+        """An empty memory shaped for this Q-Former (capacity None: never compress)."""
+        width = self.config.hidden_size
+        visual_fields = {}
+        for layer in self.layers:
+            if layer.cross_attention is not None:
+                name = layer.cross_attention.cache_key
+                visual_fields.update({f'{name}.k': width, f'{name}.v': width})
+        return StreamMemory(
+            self.config.num_layers,
+            capacity,
+            visual_fields=visual_fields,
+            query_fields={'self.k': width, 'self.v': width},
+            cache_projections=cache_projections,
+        )
+
+    def step(self, visual: torch.Tensor, now_s: float, memory: StreamMemory) -> torch.Tensor:
+        """Process one frame: visual tokens [B, N, encoder_width] at time now_s -> [B, Q, D].
+
+        The frame's tokens and each layer's input query states join the memory (detached: no
+        backpropagation through time, as in MA-LMM); each bank compresses once if over M.
+        """
+        if len(memory.queries) != len(self.layers):
+            raise ValueError(
+                f'memory has {len(memory.queries)} query banks for {len(self.layers)} layers'
+            )
+        batch = visual.shape[0]
+        hidden = self.embed_norm(self.query_tokens.expand(batch, -1, -1))  # (B, Q, D)
+        memory.visual.add_frame(visual, now_s)
+        for layer, bank in zip(self.layers, memory.queries, strict=True):
+            bank.add_frame(hidden, now_s)
+            hidden = layer.self_attention(hidden, hidden, bank, now_s)
+            bank.commit()
+            if layer.cross_attention is not None:
+                hidden = layer.cross_attention(hidden, visual, memory.visual, now_s)
+            hidden = layer.feed_forward(hidden)
+        memory.visual.commit()
+        memory.frames_seen += 1
+        return hidden
