@@ -1,0 +1,126 @@
+"""Checkpoints: safetensors weights with JSON metadata in the same file's header.
+
+The header's "malmm_ros" entry holds the model architecture, the label maps (EK-100 ids and
+names) and training information, so loading rebuilds the model from the file alone. Nothing is
+ever unpickled. One file keeps the weights and the labels they were trained with together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from malmm_ros.config import ModelConfig, model_preset
+from malmm_ros.data.labels import LabelMaps
+from malmm_ros.errors import CheckpointError, ConfigError, DataError
+from malmm_ros.model.malmm import MalmmModel
+
+__all__ = ['CHECKPOINT_FORMAT', 'load_checkpoint', 'read_checkpoint_metadata', 'save_checkpoint']
+
+CHECKPOINT_FORMAT = 'malmm_ros/checkpoint/v1'
+_HEADER_KEY = 'malmm_ros'
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: MalmmModel, *, training: dict[str, Any] | None = None
+) -> Path:
+    """Write the model's weights and metadata; the file is replaced atomically."""
+    path = Path(path)
+    metadata = {
+        'format': CHECKPOINT_FORMAT,
+        'model': {'preset': model.config.preset, **model.config.architecture()},
+        'feature_dim': model.feature_dim,
+        'num_tokens': model.num_tokens,
+        'labels': model.labels.to_dict(),
+        'training': training or {},
+    }
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    tmp = path.with_name(path.name + '.tmp')
+    save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(metadata)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, checked for format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    try:
+        with safe_open(str(path), framework='pt') as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f'checkpoint {path} is not a readable safetensors file: {exc}'
+                              ) from None
+    if _HEADER_KEY not in header:
+        raise CheckpointError(f'checkpoint {path} has no malmm_ros metadata; was it written by '
+                              'malmm_ros.model.checkpoint.save_checkpoint?')
+    try:
+        metadata = json.loads(header[_HEADER_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f'checkpoint {path}: metadata is not valid JSON ({exc})') from None
+    if not isinstance(metadata, dict) or metadata.get('format') != CHECKPOINT_FORMAT:
+        found = metadata.get('format') if isinstance(metadata, dict) else type(metadata).__name__
+        raise CheckpointError(f'checkpoint {path}: format {found!r}, expected '
+                              f'{CHECKPOINT_FORMAT!r}')
+    return metadata
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    config: ModelConfig | None = None,
+    *,
+    device: str | torch.device = 'cpu',
+) -> MalmmModel:
+    """Rebuild a model from a checkpoint, in eval mode.
+
+    With `config`, its architecture must equal the checkpoint's; a mismatch names each field.
+    """
+    path = Path(path)
+    metadata = read_checkpoint_metadata(path)
+    stored = metadata.get('model')
+    if not isinstance(stored, dict):
+        raise CheckpointError(f'checkpoint {path}: metadata has no "model" section')
+    try:
+        arch = model_preset(stored.get('preset', 'edge'),
+                            **{k: v for k, v in stored.items() if k != 'preset'})
+        labels = LabelMaps.from_dict(metadata.get('labels', {}), source=f'{path} labels')
+    except (ConfigError, DataError, TypeError) as exc:
+        raise CheckpointError(f'checkpoint {path}: bad metadata: {exc}') from None
+    if config is not None:
+        wanted, found = config.architecture(), arch.architecture()
+        diffs = [f'{name}: config {wanted[name]!r} vs checkpoint {found[name]!r}'
+                 for name in wanted if wanted[name] != found[name]]
+        if diffs:
+            raise CheckpointError(f'checkpoint {path} does not match the config: '
+                                  + '; '.join(diffs))
+        arch = config  # keep the run-time switches of the caller's config
+    model = MalmmModel(arch, labels, feature_dim=int(metadata.get('feature_dim', 1280)),
+                       num_tokens=int(metadata.get('num_tokens', 49)))
+    try:
+        with safe_open(str(path), framework='pt', device='cpu') as handle:
+            state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f'checkpoint {path}: cannot read tensors: {exc}') from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f'{name} {tuple(state[name].shape)} vs {tuple(expected[name].shape)}'
+              for name in expected if name in state and state[name].shape != expected[name].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f'missing {missing[:5]}')
+        if unexpected:
+            parts.append(f'unexpected {unexpected[:5]}')
+        if shapes:
+            parts.append(f'wrong shapes {shapes[:5]}')
+        raise CheckpointError(f'checkpoint {path} does not fit its model: ' + '; '.join(parts))
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,221 @@
+"""The ROS-free streaming API: push camera frames, get next-action predictions.
+
+    image -> sampler -> resize/crop -> encoder -> adapter + Q-Former step (memory) -> heads
+
+One `AnticipationPipeline` owns one stream's memory. The node, the evaluation tools and the demo
+all drive it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from malmm_ros.config import AnticipateConfig, load_config
+from malmm_ros.data.labels import LabelMaps, load_class_csv
+from malmm_ros.errors import FrameError
+from malmm_ros.model.checkpoint import load_checkpoint
+from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.model.heads import verb_noun_action_topk
+from malmm_ros.model.malmm import MalmmModel
+from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
+from malmm_ros.pipeline.sampler import FrameSampler
+from malmm_ros.runtime import create_encoder
+
+__all__ = ['AnticipationPipeline']
+
+_log = logging.getLogger(__name__)
+TOP_K = 5
+_UNTRAINED_SEED = 0  # untrained heads are random but reproducible from run to run
+
+
+class AnticipationPipeline:
+    """Streaming MA-LMM anticipation for one camera.
+
+    `push(image, stamp_ns)` returns a Prediction every `publish_every_n` sampled frames, else
+    None. A stamp going backwards (a looping bag) or jumping by more than `max_gap_s` resets the
+    memory first; both are counted in `stats`.
+    """
+
+    def __init__(self, config: AnticipateConfig, *, encoder: Any | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.encoder = encoder if encoder is not None else create_encoder(
+            config.backend, device=config.device)
+        if config.checkpoint:
+            self.model = load_checkpoint(config.checkpoint, config.model, device=self.device)
+            self.trained = True
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_UNTRAINED_SEED)
+                self.model = MalmmModel(config.model, _configured_labels(config))
+            self.model.to(self.device).eval()
+            self.trained = False
+            _log.warning('no checkpoint configured: the anticipation heads are untrained and '
+                         'their predictions are meaningless (set "checkpoint")')
+        self.labels: LabelMaps = self.model.labels
+        self.memory = self.model.new_memory(
+            config.memory_bank_length,
+            cache_projections=not config.model.recompute_projections,
+        )
+        self.sampler = FrameSampler(config.sample_fps)
+        self.stats = {'frames_in': 0, 'frames_sampled': 0, 'resets': 0, 'bad_frames': 0}
+        self._origin_ns: int | None = None  # stamp that time 0 of the memory refers to
+        self._last_stamp_ns: int | None = None
+        self._newest: tuple[int, str] | None = None  # (stamp_ns, frame_id) in memory
+        self._queries: torch.Tensor | None = None  # last step's query outputs (B, Q, D)
+        self._latency: dict[str, float] = {}
+        self._since_prediction = 0
+
+    @classmethod
+    def from_config(cls, source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None
+                    = None, **overrides: Any) -> AnticipationPipeline:
+        """Build from config/anticipate.yaml, a dict or a config; `overrides` replace top-level
+        fields (e.g. checkpoint=...)."""
+        config = load_config(source)
+        if overrides:
+            config = config.replace(**overrides)
+        return cls(config)
+
+    @property
+    def model_name(self) -> str:
+        return f'malmm-{self.config.model.preset}'
+
+    def reset(self) -> None:
+        """Forget the stream: memory, sampling grid and time origin."""
+        self.memory.reset()
+        self.sampler.reset()
+        self._origin_ns = None
+        self._last_stamp_ns = None
+        self._newest = None
+        self._queries = None
+        self._since_prediction = 0
+
+    def push(self, image: np.ndarray, stamp_ns: int, frame_id: str = '') -> Prediction | None:
+        """Feed one HxWx3 uint8 RGB frame stamped `stamp_ns` (any size).
+
+        Raises FrameError for an unusable image; the memory is untouched in that case.
+        """
+        try:
+            crop = resize_and_crop(image)
+        except FrameError:
+            self.stats['bad_frames'] += 1
+            raise
+        self.stats['frames_in'] += 1
+        self._check_stream(int(stamp_ns))
+        if not self.sampler.accept(int(stamp_ns)):
+            return None
+
+        start = time.perf_counter()
+        tokens = torch.from_numpy(self.encoder.run(crop[None])).to(self.device)  # (1, 49, 1280)
+        encoded = time.perf_counter()
+        if self._origin_ns is None:
+            self._origin_ns = int(stamp_ns)
+        now_s = (int(stamp_ns) - self._origin_ns) * 1e-9
+        with torch.inference_mode():
+            self._queries = self.model.step(tokens.to(_model_dtype(self.model)), now_s,
+                                            self.memory)
+        stepped = time.perf_counter()
+        self._latency = {'encoder': (encoded - start) * 1e3, 'memory': (stepped - encoded) * 1e3}
+        self._newest = (int(stamp_ns), frame_id)
+        self.stats['frames_sampled'] += 1
+        self._since_prediction += 1
+        if self._since_prediction < self.config.publish_every_n:
+            return None
+        return self.predict()
+
+    def predict(self) -> Prediction | None:
+        """A prediction from the memory as it stands (None before the first sampled frame)."""
+        if self._queries is None or self._newest is None:
+            return None
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.model.classify(self._queries)
+            verb_p = logits.verb.float().softmax(-1)[0]
+            noun_p = logits.noun.float().softmax(-1)[0]
+            verbs = _top_classes(verb_p, self.labels.verb_name)
+            nouns = _top_classes(noun_p, self.labels.noun_name)
+            if logits.action is not None:
+                actions = self._top_actions_from_head(logits.action.float().softmax(-1)[0])
+            else:
+                actions = self._top_actions_from_pairs(verb_p, noun_p)
+        heads_ms = (time.perf_counter() - start) * 1e3
+        self._since_prediction = 0
+        latency = {**self._latency, 'heads': heads_ms}
+        latency['total'] = sum(latency.values())
+        return Prediction(
+            stamp_ns=self._newest[0],
+            frame_id=self._newest[1],
+            frames_seen=self.memory.frames_seen,
+            memory_slots=len(self.memory),
+            verbs=verbs,
+            nouns=nouns,
+            actions=actions,
+            latency_ms=latency,
+            model_name=self.model_name,
+            trained=self.trained,
+            checkpoint=self.config.checkpoint,
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _check_stream(self, stamp_ns: int) -> None:
+        """Reset on a stamp going backwards or a gap longer than max_gap_s."""
+        last = self._last_stamp_ns
+        self._last_stamp_ns = stamp_ns
+        if last is None:
+            return
+        reason = None
+        if stamp_ns < last:
+            reason = f'stamp went backwards by {(last - stamp_ns) * 1e-9:.3f} s'
+        elif self.config.max_gap_s and stamp_ns - last > self.config.max_gap_s * 1e9:
+            reason = f'gap of {(stamp_ns - last) * 1e-9:.3f} s > max_gap_s'
+        if reason:
+            _log.warning('memory reset: %s', reason)
+            self.reset()
+            self._last_stamp_ns = stamp_ns
+            self.stats['resets'] += 1
+
+    def _top_actions_from_head(self, probs: torch.Tensor) -> tuple[ActionScore, ...]:
+        scores, index = probs.topk(min(TOP_K, probs.numel()))
+        out = []
+        for score, i in zip(scores.tolist(), index.tolist(), strict=True):
+            action = self.labels.actions[i]
+            out.append(ActionScore(action.id, action.verb_id, action.noun_id, action.name, score))
+        return tuple(out)
+
+    def _top_actions_from_pairs(self, verb_p: torch.Tensor, noun_p: torch.Tensor
+                                ) -> tuple[ActionScore, ...]:
+        scores, verb_ids, noun_ids = verb_noun_action_topk(verb_p[None], noun_p[None], TOP_K)
+        out = []
+        for score, v, n in zip(scores[0].tolist(), verb_ids[0].tolist(), noun_ids[0].tolist(),
+                               strict=True):
+            name = f'{self.labels.verb_name(v)} {self.labels.noun_name(n)}'
+            out.append(ActionScore(v * 1000 + n, v, n, name, score))
+        return tuple(out)
+
+
+def _top_classes(probs: torch.Tensor, name_of: Any) -> tuple[ClassScore, ...]:
+    scores, index = probs.topk(min(TOP_K, probs.numel()))
+    return tuple(ClassScore(i, name_of(i), s)
+                 for s, i in zip(scores.tolist(), index.tolist(), strict=True))
+
+
+def _configured_labels(config: AnticipateConfig) -> LabelMaps:
+    """Label names for an untrained model: EK-100 class CSVs if configured, else placeholders."""
+    verb_csv, noun_csv = config.labels.verb_classes, config.labels.noun_classes
+    placeholder = LabelMaps.placeholder()
+    verbs = load_class_csv(verb_csv, kind='verb') if verb_csv else placeholder.verbs
+    nouns = load_class_csv(noun_csv, kind='noun') if noun_csv else placeholder.nouns
+    return LabelMaps(verbs=verbs, nouns=nouns)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
