@@ -27,6 +27,7 @@ from torch import nn
 from malmm_ros.errors import CheckpointError, FrameError
 
 __all__ = [
+    'check_image',
     'FEATURE_DIM',
     'IMAGE_SIZE',
     'MEAN_RGB',
@@ -306,6 +307,18 @@ def _describe(image: object) -> str:
     return f'type {type(image).__name__}'
 
 
+def check_image(image: object) -> None:
+    """Raise FrameError unless `image` is a non-empty HxWx3 uint8 numpy array (cheap)."""
+    if not isinstance(image, np.ndarray):
+        raise FrameError(f'expected an HxWx3 uint8 RGB numpy array, got {_describe(image)}')
+    if image.dtype != np.uint8:
+        raise FrameError(f'expected a uint8 RGB image, got {_describe(image)}')
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise FrameError(f'expected an HxWx3 RGB image, got {_describe(image)}')
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise FrameError(f'expected a non-empty image, got {_describe(image)}')
+
+
 def resize_and_crop(image: np.ndarray) -> np.ndarray:
     """HxWx3 uint8 RGB of any size -> 224x224x3 uint8 RGB (TF EfficientNet eval crop).
 
@@ -314,15 +327,8 @@ def resize_and_crop(image: np.ndarray) -> np.ndarray:
     resize that square to 224), which never builds a huge intermediate for extreme aspect
     ratios. INTER_AREA when shrinking (anti-aliased), INTER_CUBIC when enlarging.
     """
-    if not isinstance(image, np.ndarray):
-        raise FrameError(f'expected an HxWx3 uint8 RGB numpy array, got {_describe(image)}')
-    if image.dtype != np.uint8:
-        raise FrameError(f'expected a uint8 RGB image, got {_describe(image)}')
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise FrameError(f'expected an HxWx3 RGB image, got {_describe(image)}')
+    check_image(image)
     height, width = image.shape[:2]
-    if height == 0 or width == 0:
-        raise FrameError(f'expected a non-empty image, got {_describe(image)}')
 
     crop = max(1, int(IMAGE_SIZE / RESIZE_SIZE * min(height, width)))
     top = (height - crop + 1) // 2

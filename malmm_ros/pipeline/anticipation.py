@@ -20,7 +20,7 @@ from malmm_ros.config import AnticipateConfig, load_config
 from malmm_ros.data.labels import LabelMaps, load_class_csv
 from malmm_ros.errors import FrameError
 from malmm_ros.model.checkpoint import load_checkpoint
-from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.model.encoder import check_image, resize_and_crop
 from malmm_ros.model.heads import verb_noun_action_topk
 from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
@@ -104,7 +104,7 @@ class AnticipationPipeline:
         Raises FrameError for an unusable image; the memory is untouched in that case.
         """
         try:
-            crop = resize_and_crop(image)
+            check_image(image)  # before any state changes: a bad frame leaves no trace
         except FrameError:
             self.stats['bad_frames'] += 1
             raise
@@ -114,6 +114,7 @@ class AnticipationPipeline:
             return None
 
         start = time.perf_counter()
+        crop = resize_and_crop(image)
         tokens = torch.from_numpy(self.encoder.run(crop[None])).to(self.device)  # (1, 49, 1280)
         encoded = time.perf_counter()
         if self._origin_ns is None:
