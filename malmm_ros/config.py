@@ -234,10 +234,19 @@ def _coerce(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
 
 
 def _validate(obj: Any, section: str) -> None:
-    """Range and choice checks from each field's metadata."""
+    """Type, range and choice checks from each field's annotation and metadata.
+
+    Runs in every __post_init__, so direct construction and `replace()` are checked as strictly
+    as parameter files. An int given for a float field is stored as a float.
+    """
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         label = f'{section}.{f.name}' if section else f.name
+        if f.type in ('bool', 'int', 'float', 'str'):
+            checked = _coerce(type(obj), {f.name: value}, section)[f.name]
+            if checked is not value:
+                object.__setattr__(obj, f.name, checked)
+                value = checked
         choices = f.metadata.get('choices')
         if choices is not None and value not in choices:
             raise ConfigError(f'{label} must be one of {list(choices)}, got {value!r}')

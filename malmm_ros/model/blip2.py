@@ -5,7 +5,8 @@ Key mapping. A key is first stripped of its prefix (LAVIS `Qformer.bert.`, trans
 (-> cross_attention):
 
     query_tokens                              -> query_tokens
-    embeddings.LayerNorm (LAVIS), layernorm   -> embed_norm
+    embeddings.LayerNorm (LAVIS), layernorm,
+    embeddings.layernorm (InstructBLIP)       -> embed_norm
     encoder.layer.L.X.self.{query,key,value}  -> layers.L.<X>.{query,key,value}   (LAVIS)
     encoder.layer.L.X.attention.{q,k,v}       -> layers.L.<X>.{query,key,value}   (transformers)
     encoder.layer.L.X.output.dense            -> layers.L.<X>.output
@@ -37,6 +38,7 @@ _PREFIXES = ('Qformer.bert.', 'qformer.')
 _RULES = (
     (r'embeddings\.LayerNorm\.(weight|bias)', r'embed_norm.\1'),
     (r'layernorm\.(weight|bias)', r'embed_norm.\1'),
+    (r'embeddings\.layernorm\.(weight|bias)', r'embed_norm.\1'),  # transformers InstructBLIP
     (r'encoder\.layer\.(\d+)\.attention\.(?:self|attention)\.(query|key|value)\.(weight|bias)',
      r'layers.\1.self_attention.\2.\3'),
     (r'encoder\.layer\.(\d+)\.crossattention\.(?:self|attention)\.(query|key|value)\.'
@@ -80,16 +82,19 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
                        *, source: str = '<state dict>') -> None:
     """Copy BLIP-2 Q-Former weights into `qformer`; every Q-Former weight must be found.
 
-    Missing weights or shape mismatches raise CheckpointError naming them; time-bias tables
-    are the only parameters allowed to stay unset (they are zeroed).
+    Missing weights, shape mismatches and Q-Former weights with no counterpart (a 12-layer state
+    dict into a 2-layer config) raise CheckpointError naming them; time-bias tables are the
+    only parameters allowed to stay unset (they are zeroed).
     """
     mapping = blip2_key_map(state_dict)
     ours = qformer.state_dict()
     loaded = {}
-    shapes = []
+    shapes: list[str] = []
+    extra: list[str] = []
     for key, name in mapping.items():
-        if name not in ours:
-            continue  # e.g. a text-branch key that happens to look like ours
+        if name not in ours:  # more layers, or cross-attention where ours has none
+            extra.append(key)
+            continue
         tensor = state_dict[key]
         if name == 'query_tokens' and tensor.dim() == 2:
             tensor = tensor.unsqueeze(0)
@@ -98,8 +103,11 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
             continue
         loaded[name] = tensor
     missing = sorted(n for n in ours if n not in loaded and '.time_bias.' not in n)
-    if shapes or missing:
+    if shapes or missing or extra:
         details = []
+        if extra:
+            details.append(f'weights with no place in this config (check num_layers and '
+                           f'cross_attention_every) {extra[:4]}{" ..." if len(extra) > 4 else ""}')
         if missing:
             details.append(f'missing {missing[:6]}{" ..." if len(missing) > 6 else ""}')
         if shapes:

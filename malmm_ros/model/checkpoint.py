@@ -93,6 +93,13 @@ def load_checkpoint(
         labels = LabelMaps.from_dict(metadata.get('labels', {}), source=f'{path} labels')
     except (ConfigError, DataError, TypeError) as exc:
         raise CheckpointError(f'checkpoint {path}: bad metadata: {exc}') from None
+    dims = {}
+    for name, default in (('feature_dim', 1280), ('num_tokens', 49)):
+        value = metadata.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f'checkpoint {path}: bad metadata: {name} must be a positive '
+                                  f'integer, got {value!r}')
+        dims[name] = value
     if config is not None:
         wanted, found = config.architecture(), arch.architecture()
         diffs = [f'{name}: config {wanted[name]!r} vs checkpoint {found[name]!r}'
@@ -101,8 +108,7 @@ def load_checkpoint(
             raise CheckpointError(f'checkpoint {path} does not match the config: '
                                   + '; '.join(diffs))
         arch = config  # keep the run-time switches of the caller's config
-    model = MalmmModel(arch, labels, feature_dim=int(metadata.get('feature_dim', 1280)),
-                       num_tokens=int(metadata.get('num_tokens', 49)))
+    model = MalmmModel(arch, labels, **dims)
     try:
         with safe_open(str(path), framework='pt', device='cpu') as handle:
             state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118

@@ -57,9 +57,8 @@ def merge_adjacent_slots(
     c_first = counts.gather(1, k_b).to(values.dtype)  # (B, 1, N)
     c_second = counts.gather(1, k_b + 1).to(values.dtype)
     total = c_first + c_second
-    w_first = (c_first / total).view(batch, 1, positions, *([1] * len(tail)))
     w_second = (c_second / total).view(batch, 1, positions, *([1] * len(tail)))
-    merged = w_first * first + w_second * second
+    merged = first + w_second * (second - first)  # exact when the slots are equal
     at_k = (slot == k_b).view(batch, slots - 1, positions, *([1] * len(tail)))
     return torch.where(at_k, merged, shifted)
 
@@ -236,12 +235,15 @@ class MemoryBank:
         keep = self._order.gather(1, k)  # physical slots: merged into `keep`, `drop` freed
         drop = self._order.gather(1, k + 1)
         c_keep, c_drop = self._counts.gather(1, keep), self._counts.gather(1, drop)
-        w_keep, w_drop = c_keep / (c_keep + c_drop), c_drop / (c_keep + c_drop)
-        data_w = (w_keep.to(self._data.dtype).unsqueeze(-1),
-                  w_drop.to(self._data.dtype).unsqueeze(-1))
-        merged = data_w[0] * self._gather(None, keep) + data_w[1] * self._gather(None, drop)
+        w_drop = c_drop / (c_keep + c_drop)
+        # first + w * (second - first): equal slots stay bit-identical, so exact ties keep
+        # breaking towards the earliest pair whatever the float type or device.
+        first = self._gather(None, keep)
+        merged = first + w_drop.to(self._data.dtype).unsqueeze(-1) * (
+            self._gather(None, drop) - first)
         self._data.scatter_(1, _expand(keep, merged.shape), merged)
-        times = w_keep * self._times.gather(1, keep) + w_drop * self._times.gather(1, drop)
+        t_keep = self._times.gather(1, keep)
+        times = t_keep + w_drop * (self._times.gather(1, drop) - t_keep)
         self._times.scatter_(1, keep, times)
         self._counts.scatter_(1, keep, c_keep + c_drop)
         self._counts.scatter_(1, drop, 0.0)

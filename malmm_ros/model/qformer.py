@@ -54,19 +54,19 @@ class MemoryAttention(nn.Module):
         """
         batch, num_q, width = hidden.shape
         key_name, value_name = f'{self.cache_key}.k', f'{self.cache_key}.v'
-        live = torch.is_grad_enabled() and current.requires_grad
-        if bank.has(key_name):
+        cached = bank.has(key_name)
+        if cached:
             key_now, value_now = self.key(current), self.value(current)  # (B, N, D)
             bank.write(key_name, key_now)
             bank.write(value_name, value_now)
+        if cached and not torch.is_grad_enabled():
             keys, values = bank.view(key_name), bank.view(value_name)  # (B, S, N, D)
-            if live:  # let gradients reach this frame's projections (the cache is detached)
-                keys = bank.place_newest(keys, key_now)
-                values = bank.place_newest(values, value_now)
-        else:  # recompute every stored frame's projections, as the public code does
-            tokens = bank.view('tokens')
-            if live:
-                tokens = bank.place_newest(tokens, current)
+        else:
+            # Project every stored frame: the public code's way, and the training path, where
+            # the key/value weights need gradients through all slots (the cache is detached).
+            # place_newest builds a new tensor, so later in-place merges cannot corrupt what
+            # autograd saved, and puts the live current frame in.
+            tokens = bank.place_newest(bank.view('tokens'), current)
             keys, values = self.key(tokens), self.value(tokens)
         ages = bank.ages(now_s).flatten(1)  # (B, S*N)
 

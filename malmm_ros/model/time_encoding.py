@@ -28,7 +28,9 @@ def age_buckets(ages_s: torch.Tensor, num_buckets: int, max_age_s: float) -> tor
     ages_s: any shape, seconds. Returns int64 of the same shape in [0, num_buckets - 1].
     """
     log_scale = (num_buckets - 2) / math.log1p(max_age_s)
-    scaled = torch.log1p(ages_s.clamp(min=0).double()) * log_scale
+    # Cap the log age before scaling: with 2 buckets log_scale is 0 and 0 * inf would be NaN.
+    log_age = torch.log1p(ages_s.clamp(min=0).double()).clamp(max=2 * math.log1p(max_age_s))
+    scaled = log_age * log_scale
     past = 1 + scaled.floor().clamp(max=num_buckets - 2).long()
     return torch.where(ages_s > 0, past, torch.zeros_like(past))
 

@@ -1,0 +1,259 @@
+"""Tests of safetensors checkpoints: round trips, architecture checks and every refusal."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from malmm_ros.config import ModelConfig
+from malmm_ros.data.labels import LabelMaps
+from malmm_ros.errors import CheckpointError
+from malmm_ros.model.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+from malmm_ros.model.malmm import MalmmModel
+
+CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
+                     encoder_width=24)
+LABELS = LabelMaps.placeholder(5, 7).with_actions([(0, 1), (2, 3)])
+FEATURE_DIM, NUM_TOKENS = 40, 6
+
+
+def _model(seed: int = 0) -> MalmmModel:
+    torch.manual_seed(seed)
+    model = MalmmModel(CONFIG, LABELS, feature_dim=FEATURE_DIM, num_tokens=NUM_TOKENS)
+    with torch.no_grad():  # make every tensor distinctive, time-bias tables included
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def _stream_outputs(model: MalmmModel, steps: int = 6) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(123)
+    memory = model.new_memory(3)
+    outputs = []
+    with torch.no_grad():
+        for step in range(steps):
+            tokens = torch.randn(1, NUM_TOKENS, FEATURE_DIM, generator=gen)
+            logits = model.classify(model.step(tokens, 0.7 * step, memory))
+            outputs.extend(t for t in logits if t is not None)
+    return outputs
+
+
+@pytest.fixture(scope='module')
+def model() -> MalmmModel:
+    return _model()
+
+
+@pytest.fixture(scope='module')
+def saved(model: MalmmModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp('ckpt') / 'model.safetensors'
+    assert save_checkpoint(path, model, training={'epochs': 3}) == path
+    return path
+
+
+def _raw(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework='pt') as handle:
+        return handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+
+
+# -- round trip -------------------------------------------------------------------------------
+
+
+def test_round_trip_state_config_labels(model: MalmmModel, saved: Path) -> None:
+    loaded = load_checkpoint(saved)
+    assert not loaded.training
+    assert loaded.config == CONFIG
+    assert loaded.config.architecture() == model.config.architecture()
+    assert loaded.labels == LABELS
+    assert [a.id for a in loaded.labels.actions] == [1, 2003]
+    assert (loaded.feature_dim, loaded.num_tokens) == (FEATURE_DIM, NUM_TOKENS)
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert list(restored) == list(original)
+    for name, tensor in original.items():
+        assert torch.equal(restored[name], tensor), name
+
+
+def test_round_trip_gives_identical_outputs(model: MalmmModel, saved: Path) -> None:
+    loaded = load_checkpoint(saved, CONFIG)
+    expected, got = _stream_outputs(model), _stream_outputs(loaded)
+    assert len(got) == 18  # verb, noun and action logits at every step
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(expected[0], expected[-3])  # the stream does move the outputs
+
+
+def test_metadata_contents(saved: Path) -> None:
+    metadata = read_checkpoint_metadata(saved)
+    assert metadata['format'] == CHECKPOINT_FORMAT == 'malmm_ros/checkpoint/v1'
+    assert metadata['model'] == {'preset': 'edge', **CONFIG.architecture()}
+    assert metadata['training'] == {'epochs': 3}
+    assert LabelMaps.from_dict(metadata['labels']) == LABELS
+
+
+def test_load_keeps_runtime_switches(saved: Path) -> None:
+    config = ModelConfig(**{**CONFIG.architecture(), 'recompute_projections': True})
+    assert load_checkpoint(saved, config).config.recompute_projections is True
+
+
+def test_save_replaces_existing_file_without_leftovers(model: MalmmModel, tmp_path: Path) -> None:
+    path = tmp_path / 'm.safetensors'
+    path.write_bytes(b'old contents')
+    save_checkpoint(path, model)
+    assert load_checkpoint(path).labels == LABELS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m.safetensors']
+
+
+def test_file_is_safetensors_not_pickle(saved: Path) -> None:
+    data = saved.read_bytes()
+    (header_len,) = struct.unpack('<Q', data[:8])
+    assert 2 <= header_len < len(data) - 8
+    assert data[8:9] == b'{'
+    header = json.loads(data[8:8 + header_len])
+    assert json.loads(header['__metadata__']['malmm_ros'])['format'] == CHECKPOINT_FORMAT
+    assert not data.startswith(b'\x80') and b'PK\x03\x04' not in data[:4]
+    ends = [entry['data_offsets'][1] for key, entry in header.items() if key != '__metadata__']
+    assert 8 + header_len + max(ends) == len(data)
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ('changes', 'field', 'config_value', 'stored_value'),
+    [
+        ({'num_layers': 3}, 'num_layers', 3, 2),
+        ({'hidden_size': 64}, 'hidden_size', 64, 32),
+        ({'encoder_width': 48}, 'encoder_width', 48, 24),
+        ({'max_age_s': 60.0}, 'max_age_s', 60.0, 600.0),
+    ],
+)
+def test_architecture_mismatch(saved: Path, changes: dict, field: str, config_value: object,
+                               stored_value: object) -> None:
+    config = ModelConfig(**{**CONFIG.architecture(), **changes})
+    message = rf'{field}: config {config_value!r} vs checkpoint {stored_value!r}'
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(saved, config)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match='does not exist'):
+        load_checkpoint(tmp_path / 'absent.safetensors')
+
+
+def test_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match='does not exist'):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize('kind', ['random', 'pickle', 'truncated', 'empty'])
+def test_not_a_safetensors_file(tmp_path: Path, saved: Path, kind: str) -> None:
+    path = tmp_path / 'bad.safetensors'
+    if kind == 'random':
+        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
+                                       generator=torch.Generator().manual_seed(0)).numpy()
+                         .tobytes())
+    elif kind == 'pickle':
+        torch.save(_model().state_dict(), path)
+    elif kind == 'truncated':
+        path.write_bytes(saved.read_bytes()[:200])
+    else:
+        path.write_bytes(b'')
+    with pytest.raises(CheckpointError, match='not a readable safetensors file'):
+        load_checkpoint(path)
+
+
+def test_safetensors_without_metadata(tmp_path: Path) -> None:
+    path = tmp_path / 'plain.safetensors'
+    save_file({'w': torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match='has no malmm_ros metadata'):
+        load_checkpoint(path)
+    save_file({'w': torch.zeros(2)}, str(path), metadata={'other': 'x'})
+    with pytest.raises(CheckpointError, match='has no malmm_ros metadata'):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ('header', 'message'),
+    [
+        ('{"format": "malmm_ros/checkpoint/v0"}', "format 'malmm_ros/checkpoint/v0'"),
+        ('{"model": {}}', 'format None'),
+        ('[1, 2]', "format 'list'"),
+        ('{"format": ', 'metadata is not valid JSON'),
+        ('not json', 'metadata is not valid JSON'),
+    ],
+)
+def test_bad_metadata(tmp_path: Path, header: str, message: str) -> None:
+    path = tmp_path / 'meta.safetensors'
+    save_file({'w': torch.zeros(2)}, str(path), metadata={'malmm_ros': header})
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ('edit', 'message'),
+    [
+        (lambda m: m.pop('model'), 'no "model" section'),
+        (lambda m: m['model'].update(num_heads=5), 'bad metadata.*model.hidden_size'),
+        (lambda m: m['model'].update(preset='huge'), 'bad metadata.*huge'),
+        (lambda m: m['model'].update(bogus=1), 'bad metadata'),
+        (lambda m: m.update(labels={'verbs': []}), 'bad metadata.*labels'),
+    ],
+)
+def test_bad_metadata_fields(tmp_path: Path, saved: Path, edit, message: str) -> None:
+    header, tensors = _raw(saved)
+    metadata = json.loads(header['malmm_ros'])
+    edit(metadata)
+    path = tmp_path / 'edited.safetensors'
+    save_file(tensors, str(path), metadata={'malmm_ros': json.dumps(metadata)})
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ('edit', 'message'),
+    [
+        (lambda t: t.pop('heads.action.weight'), r"missing \['heads.action.weight'\]"),
+        (lambda t: t.pop('qformer.layers.1.feed_forward.dense_out.bias'),
+         'missing.*qformer.layers.1.feed_forward.dense_out.bias'),
+        (lambda t: t.update({'qformer.query_tokens': t['qformer.query_tokens'][:, :16]}),
+         r'wrong shapes.*qformer.query_tokens \(1, 16, 32\) vs \(1, 32, 32\)'),
+        (lambda t: t.update({'adapter.proj.weight': t['adapter.proj.weight'].T.contiguous()}),
+         r'wrong shapes.*adapter.proj.weight \(40, 24\) vs \(24, 40\)'),
+        (lambda t: t.update({'extra.weight': torch.zeros(3)}), r"unexpected \['extra.weight'\]"),
+    ],
+    ids=['missing-head', 'missing-layer', 'shape-queries', 'shape-adapter', 'unexpected'],
+)
+def test_tensors_do_not_fit(tmp_path: Path, saved: Path, edit, message: str) -> None:
+    header, tensors = _raw(saved)
+    edit(tensors)
+    path = tmp_path / 'edited.safetensors'
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(CheckpointError, match=rf'does not fit its model: .*{message}'):
+        load_checkpoint(path)
+
+
+# Regression: malformed feature_dim / num_tokens metadata must be a CheckpointError naming
+# the field, not a ValueError, TypeError or RuntimeError from building the model.
+@pytest.mark.parametrize(
+    ('field', 'value'),
+    [('feature_dim', 'wide'), ('feature_dim', None), ('feature_dim', -3), ('num_tokens', 'x')],
+)
+def test_bad_feature_metadata(tmp_path: Path, saved: Path, field: str, value: object) -> None:
+    header, tensors = _raw(saved)
+    metadata = json.loads(header['malmm_ros'])
+    metadata[field] = value
+    path = tmp_path / 'edited.safetensors'
+    save_file(tensors, str(path), metadata={'malmm_ros': json.dumps(metadata)})
+    with pytest.raises(CheckpointError, match=field):
+        load_checkpoint(path)

@@ -1,0 +1,381 @@
+"""Tests of the memory banks and MBC against an independent loop reference, in float64."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from malmm_ros.model.memory import MemoryBank, StreamMemory, memory_bank_compress
+
+
+@pytest.fixture(autouse=True, scope='module')
+def single_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to CPU contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+TOL = 1e-12
+TIE = 1e-12  # similarities this close to the best are ties (rounding noise); the first wins
+
+
+# -- reference --------------------------------------------------------------------------------
+
+
+def ref_cosine(u: np.ndarray, v: np.ndarray) -> float:
+    """Cosine similarity of two vectors: dot / (|u| |v|), norms floored at 1e-12."""
+    dot = float(np.dot(u, v))
+    norm_u = max(math.sqrt(float(np.dot(u, u))), 1e-12)
+    norm_v = max(math.sqrt(float(np.dot(v, v))), 1e-12)
+    return dot / (norm_u * norm_v)
+
+
+def ref_compress(
+    tokens: np.ndarray, counts: np.ndarray, extras: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """One MBC step by plain loops over (b, n): tokens [B,T,N,C], counts [B,T,N], extras
+    {name: [B,T,N,W]} merged with the same pair and weights. Returns the compressed arrays and
+    the chosen pair index k [B,N]. Ties (within TIE, as in exact arithmetic) go to the first."""
+    extras = extras or {}
+    batch, slots, positions, _ = tokens.shape
+    out_tokens = np.zeros((batch, slots - 1, positions, tokens.shape[3]))
+    out_counts = np.zeros((batch, slots - 1, positions))
+    out_extras = {name: np.zeros((batch, slots - 1, positions, value.shape[3]))
+                  for name, value in extras.items()}
+    chosen = np.zeros((batch, positions), dtype=np.int64)
+    for b in range(batch):
+        for n in range(positions):
+            sims = [ref_cosine(tokens[b, t, n], tokens[b, t + 1, n]) for t in range(slots - 1)]
+            k = next(t for t, sim in enumerate(sims) if sim >= max(sims) - TIE)
+            chosen[b, n] = k
+            c_k, c_next = float(counts[b, k, n]), float(counts[b, k + 1, n])
+
+            def merge(rows: np.ndarray, k: int = k, c_k: float = c_k,
+                      c_next: float = c_next) -> np.ndarray:
+                merged = (c_k * rows[k] + c_next * rows[k + 1]) / (c_k + c_next)
+                return np.stack([*rows[:k], merged, *rows[k + 2:]])
+
+            out_tokens[b, :, n] = merge(tokens[b, :, n])
+            out_counts[b, :, n] = [*counts[b, :k, n], c_k + c_next, *counts[b, k + 2:, n]]
+            for name, value in extras.items():
+                out_extras[name][b, :, n] = merge(value[b, :, n])
+    return out_tokens, out_counts, out_extras, chosen
+
+
+class RefStream:
+    """Reference bank: append a frame, then compress once when it holds more than capacity."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.tokens: np.ndarray | None = None
+        self.counts: np.ndarray | None = None
+        self.extras: dict[str, np.ndarray] = {}
+
+    def append(self, tokens: np.ndarray, time_s: float,
+               fields: dict[str, np.ndarray] | None = None) -> None:
+        batch, positions, _ = tokens.shape
+        new = {'time': np.full((batch, 1, positions, 1), float(time_s))}
+        new.update({name: value[:, None] for name, value in (fields or {}).items()})
+        if self.tokens is None:
+            self.tokens, self.counts, self.extras = tokens[:, None], np.ones(
+                (batch, 1, positions)), new
+        else:
+            self.tokens = np.concatenate([self.tokens, tokens[:, None]], axis=1)
+            self.counts = np.concatenate([self.counts, np.ones((batch, 1, positions))], axis=1)
+            self.extras = {name: np.concatenate([self.extras[name], new[name]], axis=1)
+                           for name in new}
+        if self.capacity is not None and self.tokens.shape[1] > self.capacity:
+            self.tokens, self.counts, self.extras, _ = ref_compress(
+                self.tokens, self.counts, self.extras)
+
+    @property
+    def times(self) -> np.ndarray:
+        return self.extras['time'][..., 0]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def frame_stream(frames: int, batch: int, positions: int, width: int,
+                 seed: int) -> torch.Tensor:
+    """[frames, B, N, C] float64: a random walk plus noise, so neighbours are often similar."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = torch.randn(frames, batch, positions, width, generator=gen, dtype=torch.float64)
+    noise = torch.randn(frames, batch, positions, width, generator=gen, dtype=torch.float64)
+    return 0.3 * steps.cumsum(0) + noise
+
+
+def close(actual: torch.Tensor, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=0, atol=TOL)
+
+
+# -- memory_bank_compress ---------------------------------------------------------------------
+
+
+SHAPES = [(1, 2, 1, 1), (2, 2, 3, 5), (3, 7, 4, 1), (2, 9, 1, 6), (4, 5, 6, 16), (1, 12, 3, 2),
+          (2, 3, 2, 3)]
+
+
+@pytest.mark.parametrize('counts_dtype', [torch.int64, torch.float64])
+@pytest.mark.parametrize(('batch', 'slots', 'positions', 'width'), SHAPES)
+def test_compress_matches_reference(batch: int, slots: int, positions: int, width: int,
+                                    counts_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(slots * 1000 + width)
+    bank = torch.randn(batch, slots, positions, width, generator=gen, dtype=torch.float64)
+    counts = torch.randint(1, 20, (batch, slots, positions), generator=gen).to(counts_dtype)
+    new_bank, new_counts = memory_bank_compress(bank, counts)
+    ref_bank, ref_counts, _, _ = ref_compress(bank.numpy(), counts.double().numpy())
+    assert new_bank.shape == (batch, slots - 1, positions, width)
+    assert new_counts.shape == (batch, slots - 1, positions)
+    close(new_bank, ref_bank)
+    close(new_counts.double(), ref_counts)
+    assert torch.equal(new_counts.sum(1), counts.sum(1))
+
+
+def test_compress_hand_example() -> None:
+    # One position, slots [1,0], [0,1], [0.6,0.8]: cosines 0 and 0.8, so slots 1 and 2 merge
+    # with counts 1 and 3: ([0,1] + 3 [0.6,0.8]) / 4 = [0.45, 0.85].
+    bank = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]], [[0.6, 0.8]]]], dtype=torch.float64)
+    counts = torch.tensor([[[2], [1], [3]]])
+    new_bank, new_counts = memory_bank_compress(bank, counts)
+    assert torch.allclose(new_bank, torch.tensor([[[[1.0, 0.0]], [[0.45, 0.85]]]],
+                                                 dtype=torch.float64), atol=1e-15, rtol=0)
+    assert new_counts.tolist() == [[[2], [4]]]
+
+
+def test_compress_picks_the_pair_per_position_and_first_on_ties() -> None:
+    # Position 0: every slot identical, so every pair ties and the first pair merges.
+    # Position 1: only the last pair is similar. Position 2: C=1 sign flips, cosines -1, 1, 1.
+    same = torch.tensor([1.0, 2.0])
+    pos0 = [same, same, same, same]
+    pos1 = [torch.tensor(v) for v in ([1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [-1.0, 0.01])]
+    pos2 = [torch.tensor(v) for v in ([3.0, 0.0], [-1.0, 0.0], [-2.0, 0.0], [-5.0, 0.0])]
+    bank = torch.stack([torch.stack(p) for p in (pos0, pos1, pos2)], dim=1)[None].double()
+    counts = torch.tensor([[[1, 1, 1], [2, 1, 1], [3, 1, 1], [4, 1, 1]]])  # (B, T, N)
+    new_bank, new_counts = memory_bank_compress(bank, counts)
+    assert new_counts[0].T.tolist() == [[3, 3, 4], [1, 1, 2], [1, 2, 1]]
+    assert torch.allclose(new_bank[0, 0, 0], same.double(), atol=1e-15, rtol=0)
+    assert torch.equal(new_bank[0, :2, 1], bank[0, :2, 1])
+    assert new_bank[0, :, 2, 0].tolist() == [3.0, -1.5, -5.0]
+
+
+@pytest.mark.parametrize(('bank_shape', 'counts_shape', 'message'), [
+    ((2, 3, 4), (2, 3, 4), 'bank must be [B,T,N,C] and counts [B,T,N]; got (2, 3, 4)'),
+    ((2, 3, 4, 5, 1), (2, 3, 4), 'bank must be [B,T,N,C]'),
+    ((2, 3, 4, 5), (2, 3, 5), 'and (2, 3, 5)'),
+    ((2, 3, 4, 5), (2, 3, 4, 5), 'counts [B,T,N]'),
+    ((2, 1, 4, 5), (2, 1, 4), 'cannot compress a bank of 1 slot(s)'),
+    ((2, 0, 4, 5), (2, 0, 4), 'cannot compress a bank of 0 slot(s)'),
+])
+def test_compress_rejects_bad_shapes(bank_shape: tuple[int, ...], counts_shape: tuple[int, ...],
+                                     message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        memory_bank_compress(torch.zeros(bank_shape), torch.ones(counts_shape))
+
+
+# -- streaming --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(('batch', 'positions', 'width', 'capacity'), [
+    (1, 1, 1, 1), (2, 3, 4, 1), (2, 3, 4, 10), (1, 5, 8, 10), (3, 2, 1, 4), (2, 4, 6, 3),
+])
+def test_stream_matches_reference(batch: int, positions: int, width: int,
+                                  capacity: int) -> None:
+    frames = 200
+    tokens = frame_stream(frames, batch, positions, width, seed=capacity * 100 + width)
+    extra = torch.randn(frames, batch, positions, 3, dtype=torch.float64)
+    bank = MemoryBank(capacity, {'x': 3})
+    ref = RefStream(capacity)
+    for i in range(frames):
+        time_s = 0.5 * i + 0.25 * (i % 3)  # irregular spacing
+        bank.append(tokens[i], time_s, {'x': extra[i]})
+        ref.append(tokens[i].numpy(), time_s, {'x': extra[i].numpy()})
+        assert len(bank) == min(i + 1, capacity)
+        assert bank.frames_seen == i + 1
+        close(bank.tokens, ref.tokens)
+        close(bank.counts, ref.counts)
+        close(bank.times, ref.times)
+        close(bank.ordered('x'), ref.extras['x'])
+        assert torch.equal(bank.counts.sum(1), torch.full((batch, positions), i + 1.0))
+    assert bank.compressions == frames - capacity
+
+
+def test_stream_with_ties_merges_the_oldest_pair() -> None:
+    # C=1 positive tokens: every cosine is exactly 1, so each compression merges slots 0 and 1.
+    bank = MemoryBank(3)
+    for i in range(10):
+        bank.append(torch.full((1, 1, 1), float(i + 1), dtype=torch.float64), float(i))
+    assert bank.counts[0, :, 0].tolist() == [8.0, 1.0, 1.0]
+    assert bank.times[0, :, 0].tolist() == pytest.approx([3.5, 8.0, 9.0], abs=TOL)
+    assert bank.tokens[0, :, 0, 0].tolist() == pytest.approx([4.5, 9.0, 10.0], abs=TOL)
+
+
+# Regression: merging equal slots must leave them bit-identical, so exact similarity ties
+# keep going to the earliest pair (a static scene must merge oldest-first).
+@pytest.mark.parametrize('seed', range(2))
+def test_identical_frames_always_merge_the_oldest_pair(seed: int) -> None:
+    frame = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+    bank, ref = MemoryBank(3), RefStream(3)
+    for i in range(12):
+        bank.append(frame, float(i))
+        ref.append(frame.numpy(), float(i))
+    assert ref.counts[0].T.tolist() == [[10.0, 1.0, 1.0]] * 4
+    close(bank.counts, ref.counts)
+    close(bank.times, ref.times)
+
+
+def test_weighted_times_keep_the_sum_of_frame_times() -> None:
+    bank = MemoryBank(4)
+    tokens = frame_stream(100, 2, 3, 5, seed=7)
+    times = torch.rand(100, dtype=torch.float64).cumsum(0) * 10
+    for i in range(100):
+        bank.append(tokens[i], times[i].item())
+        total = (bank.counts * bank.times).sum(1)
+        assert torch.allclose(total, times[:i + 1].sum().expand(2, 3), rtol=1e-12, atol=0)
+
+
+def test_no_capacity_never_compresses() -> None:
+    bank = MemoryBank(None, {'x': 2})
+    tokens = frame_stream(40, 2, 3, 4, seed=3)
+    extra = torch.randn(40, 2, 3, 2, dtype=torch.float64)
+    sizes = []
+    for i in range(40):
+        bank.append(tokens[i], float(i), {'x': extra[i]})
+        sizes.append(bank.nbytes())
+    assert len(bank) == 40
+    assert bank.compressions == 0
+    assert torch.equal(bank.tokens, tokens.transpose(0, 1))
+    assert torch.equal(bank.ordered('x'), extra.transpose(0, 1))
+    assert torch.equal(bank.counts, torch.ones(2, 40, 3, dtype=torch.float64))
+    assert torch.equal(bank.times[0, :, 0], torch.arange(40.0, dtype=torch.float64))
+    assert sizes[16] > sizes[15]  # storage grew past 16 frames
+    assert sizes[-1] > sizes[16]
+
+
+@pytest.mark.parametrize('capacity', [3, None])
+@pytest.mark.parametrize('second_shape', [(2, 3, 4), (1, 5, 2)])
+def test_reset_then_stream_equals_fresh_bank(capacity: int | None,
+                                             second_shape: tuple[int, int, int]) -> None:
+    first = frame_stream(30, 2, 3, 4, seed=11)
+    second = frame_stream(50, *second_shape, seed=12)
+    extra = torch.randn(50, second_shape[0], second_shape[1], 2, dtype=torch.float64)
+    bank = MemoryBank(capacity, {'x': 2})
+    for i in range(30):
+        bank.append(first[i], 100.0 + i, {'x': torch.ones(2, 3, 2, dtype=torch.float64)})
+    bank.reset()
+    assert len(bank) == 0
+    assert bank.frames_seen == 0
+    with pytest.raises(RuntimeError, match='the bank is empty'):
+        bank.ordered()
+    fresh = MemoryBank(capacity, {'x': 2})
+    for i in range(50):
+        for target in (bank, fresh):
+            target.append(second[i], float(i), {'x': extra[i]})
+        assert len(bank) == len(fresh)
+        assert torch.equal(bank.tokens, fresh.tokens)
+        assert torch.equal(bank.counts, fresh.counts)
+        assert torch.equal(bank.times, fresh.times)
+        assert torch.equal(bank.ordered('x'), fresh.ordered('x'))
+    assert bank.frames_seen == fresh.frames_seen == 50
+
+
+def test_stream_memory_reset_clears_every_bank() -> None:
+    memory = StreamMemory(3, 2, visual_fields={'a': 2}, query_fields={'b': 3})
+    for i in range(5):
+        memory.visual.append(torch.randn(1, 4, 6), float(i), {'a': torch.randn(1, 4, 2)})
+        for bank in memory.queries:
+            bank.append(torch.randn(1, 8, 5), float(i), {'b': torch.randn(1, 8, 3)})
+        memory.frames_seen += 1
+    assert len(memory) == 2
+    assert [len(bank) for bank in memory.queries] == [2, 2, 2]
+    memory.reset()
+    assert len(memory) == 0
+    assert len(memory.visual) == 0
+    assert [len(bank) for bank in memory.queries] == [0, 0, 0]
+    assert [bank.frames_seen for bank in [memory.visual, *memory.queries]] == [0] * 4
+    assert memory.frames_seen == 0
+
+
+def test_stream_memory_without_cache_has_no_fields() -> None:
+    memory = StreamMemory(2, 4, visual_fields={'a': 2}, query_fields={'b': 3},
+                          cache_projections=False)
+    assert not memory.visual.has('a')
+    assert not any(bank.has('b') for bank in memory.queries)
+    assert memory.visual.has('tokens')
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('capacity', [0, -1, -10])
+def test_capacity_must_be_positive(capacity: int) -> None:
+    with pytest.raises(ValueError, match=f'memory capacity must be >= 1 or None, got {capacity}'):
+        MemoryBank(capacity)
+    with pytest.raises(ValueError, match='memory capacity must be >= 1'):
+        StreamMemory(2, capacity)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 5), (1, 3, 4), (2, 4, 4)])
+def test_frame_that_does_not_fit_is_rejected(shape: tuple[int, int, int]) -> None:
+    bank = MemoryBank(4)
+    bank.append(torch.zeros(2, 3, 4), 0.0)
+    with pytest.raises(ValueError, match=re.escape(f'frame tokens {shape} do not fit bank')):
+        bank.append(torch.zeros(shape), 1.0)
+    assert len(bank) == 1
+
+
+def test_reading_an_empty_bank_or_writing_before_a_frame_fails() -> None:
+    bank = MemoryBank(4, {'x': 2})
+    with pytest.raises(RuntimeError, match='the bank is empty'):
+        bank.view('tokens')
+    with pytest.raises(RuntimeError, match=re.escape('write() before add_frame()')):
+        bank.write('x', torch.zeros(1, 1, 2))
+    bank.append(torch.zeros(1, 1, 3), 0.0)
+    with pytest.raises(KeyError, match="bank has no field 'y'"):
+        bank.ordered('y')
+
+
+# -- long stream and properties ---------------------------------------------------------------
+
+
+def test_long_stream_stays_bounded() -> None:
+    # 20,000 appends (100,000 take about 25 s on a 2-core CPU).
+    frames, capacity = 20_000, 5
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randn(frames, 1, 2, 4, generator=gen, dtype=torch.float64)
+    bank = MemoryBank(capacity)
+    with torch.inference_mode():
+        for i in range(frames):
+            bank.append(tokens[i], float(i))
+            if i == capacity:
+                size = bank.nbytes()
+    assert len(bank) == capacity
+    assert bank.frames_seen == frames
+    assert torch.equal(bank.counts.sum(1), torch.full((1, 2), float(frames)))
+    assert bank.nbytes() == size
+    total = (bank.counts * bank.times).sum(1)
+    assert torch.allclose(total, torch.full((1, 2), frames * (frames - 1) / 2.0,
+                                            dtype=torch.float64), rtol=1e-12, atol=0)
+    # Merged slots are averages of the frames they absorbed: inside the frames' range.
+    assert (bank.tokens.abs() <= tokens.abs().amax()).all()
+
+
+@pytest.mark.parametrize(('capacity', 'width', 'out'), [(1, 4, 3), (4, 6, 6), (10, 3, 8)])
+def test_merging_commutes_with_an_affine_map(capacity: int, width: int, out: int) -> None:
+    torch.manual_seed(capacity)
+    linear = nn.Linear(width, out, dtype=torch.float64)
+    nn.init.normal_(linear.bias, std=3.0)
+    bank = MemoryBank(capacity, {'p': out})
+    tokens = frame_stream(200, 2, 3, width, seed=capacity + 40)
+    with torch.no_grad():
+        for i in range(200):
+            bank.append(tokens[i], float(i), {'p': linear(tokens[i])})
+            projected = bank.ordered('p')
+            assert torch.allclose(projected, linear(bank.tokens), atol=TOL, rtol=0)

@@ -1,0 +1,475 @@
+"""Tests of the memory-augmented Q-Former against an independent recompute-everything reference.
+
+The reference keeps the raw history of every bank, compresses it with a loop MBC and computes
+every attention with an explicit softmax in float64, from the module's own weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from malmm_ros.config import ModelConfig, model_preset
+from malmm_ros.model.memory import StreamMemory
+from malmm_ros.model.qformer import MemoryAttention, MemoryQFormer
+from malmm_ros.model.time_encoding import age_buckets
+
+SMALL = {'num_layers': 3, 'hidden_size': 32, 'num_heads': 4, 'intermediate_size': 64,
+         'num_queries': 8, 'encoder_width': 24, 'cross_attention_every': 2}
+TOKENS = 7  # visual token positions per frame
+BATCH = 2
+TIE = 1e-12
+
+
+@pytest.fixture(autouse=True, scope='module')
+def single_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to CPU contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- reference MBC (same rule as test_memory.py's, kept local so each file stands alone) -------
+
+
+def ref_cosine(u: np.ndarray, v: np.ndarray) -> float:
+    dot = float(np.dot(u, v))
+    norm_u = max(math.sqrt(float(np.dot(u, u))), 1e-12)
+    norm_v = max(math.sqrt(float(np.dot(v, v))), 1e-12)
+    return dot / (norm_u * norm_v)
+
+
+def ref_compress(tokens: np.ndarray, counts: np.ndarray,
+                 times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One MBC step by loops over (b, n): tokens [B,T,N,C], counts and times [B,T,N].
+
+    Similarities within TIE of the best are ties (exact-arithmetic semantics): the first wins.
+    """
+    batch, slots, positions, width = tokens.shape
+    out_tokens = np.zeros((batch, slots - 1, positions, width))
+    out_counts = np.zeros((batch, slots - 1, positions))
+    out_times = np.zeros((batch, slots - 1, positions))
+    for b in range(batch):
+        for n in range(positions):
+            sims = [ref_cosine(tokens[b, t, n], tokens[b, t + 1, n]) for t in range(slots - 1)]
+            k = next(t for t, sim in enumerate(sims) if sim >= max(sims) - TIE)
+            c_k, c_next = counts[b, k, n], counts[b, k + 1, n]
+            keep = [t for t in range(slots) if t not in (k, k + 1)]
+            rows = [*keep[:k], None, *keep[k:]]  # None marks the merged slot
+            for new, old in enumerate(rows):
+                if old is None:
+                    total = c_k + c_next
+                    out_tokens[b, new, n] = (c_k * tokens[b, k, n]
+                                             + c_next * tokens[b, k + 1, n]) / total
+                    out_counts[b, new, n] = total
+                    out_times[b, new, n] = (c_k * times[b, k, n]
+                                            + c_next * times[b, k + 1, n]) / total
+                else:
+                    out_tokens[b, new, n] = tokens[b, old, n]
+                    out_counts[b, new, n] = counts[b, old, n]
+                    out_times[b, new, n] = times[b, old, n]
+    return out_tokens, out_counts, out_times
+
+
+class RefBank:
+    """Raw stored slots (oldest first) with counts and count-weighted mean times."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.tokens: np.ndarray | None = None
+        self.counts: np.ndarray | None = None
+        self.times: np.ndarray | None = None
+
+    def context(self, current: torch.Tensor, now_s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values source [B, S, N, C] = stored slots then the current frame, with ages."""
+        current = current.detach()
+        zero = torch.zeros(current.shape[:2], dtype=torch.float64)[:, None]
+        if self.tokens is None:
+            return current[:, None], zero
+        tokens = torch.cat([torch.from_numpy(self.tokens), current[:, None]], dim=1)
+        ages = torch.cat([now_s - torch.from_numpy(self.times), zero], dim=1)
+        return tokens, ages
+
+    def push(self, current: torch.Tensor, now_s: float) -> None:
+        new = current.detach().numpy()[:, None]
+        ones = np.ones(new.shape[:3])
+        if self.tokens is None:
+            self.tokens, self.counts, self.times = new, ones, ones * now_s
+        else:
+            self.tokens = np.concatenate([self.tokens, new], axis=1)
+            self.counts = np.concatenate([self.counts, ones], axis=1)
+            self.times = np.concatenate([self.times, ones * now_s], axis=1)
+        if self.capacity is not None and self.tokens.shape[1] > self.capacity:
+            self.tokens, self.counts, self.times = ref_compress(self.tokens, self.counts,
+                                                                self.times)
+
+
+# -- reference Q-Former -----------------------------------------------------------------------
+
+
+def ref_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return x @ layer.weight.T + layer.bias
+
+
+def ref_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tensor,
+                  ages: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Post-norm residual multi-head attention of hidden [B,Q,D] over source [B,S,N,C]."""
+    batch, num_q, width = hidden.shape
+    heads = config.num_heads
+    head_dim = width // heads
+    flat = source.reshape(batch, -1, source.shape[-1])  # (B, S*N, C)
+    q = ref_linear(att.query, hidden).view(batch, num_q, heads, head_dim).permute(0, 2, 1, 3)
+    k = ref_linear(att.key, flat).view(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
+    v = ref_linear(att.value, flat).view(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
+    buckets = age_buckets(ages.reshape(batch, -1), config.time_buckets, config.max_age_s)
+    table = att.time_bias.table  # (buckets, heads)
+    bias = torch.stack([table[buckets[b]].T for b in range(batch)])  # (B, heads, S*N)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + bias[:, :, None, :]
+    scores = scores - scores.amax(-1, keepdim=True)
+    weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
+    context = (weights @ v).permute(0, 2, 1, 3).reshape(batch, num_q, width)
+    return ref_layer_norm(att.norm, hidden + ref_linear(att.output, context))
+
+
+class RefQFormer:
+    """Recompute-everything Q-Former step over raw (reference-compressed) histories."""
+
+    def __init__(self, q: MemoryQFormer, capacity: int | None) -> None:
+        self.q = q
+        self.visual = RefBank(capacity)
+        self.queries = [RefBank(capacity) for _ in q.layers]
+
+    @torch.no_grad()
+    def step(self, visual: torch.Tensor, now_s: float) -> torch.Tensor:
+        config = self.q.config
+        hidden = ref_layer_norm(self.q.embed_norm,
+                                self.q.query_tokens.expand(visual.shape[0], -1, -1))
+        inputs = []
+        for i, layer in enumerate(self.q.layers):
+            inputs.append(hidden)
+            source, ages = self.queries[i].context(hidden, now_s)
+            hidden = ref_attention(layer.self_attention, hidden, source, ages, config)
+            if i % config.cross_attention_every == 0:
+                source, ages = self.visual.context(visual, now_s)
+                hidden = ref_attention(layer.cross_attention, hidden, source, ages, config)
+            ff = layer.feed_forward
+            inner = ref_linear(ff.dense_in, hidden)
+            inner = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))
+            hidden = ref_layer_norm(ff.norm, hidden + ref_linear(ff.dense_out, inner))
+        for bank, entry in zip(self.queries, inputs, strict=True):
+            bank.push(entry, now_s)
+        self.visual.push(visual, now_s)
+        return hidden
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def build(seed: int = 0, **overrides: int) -> MemoryQFormer:
+    """A small float64 Q-Former with random time-bias tables and non-identity LayerNorms."""
+    torch.manual_seed(seed)
+    q = MemoryQFormer(ModelConfig(**{**SMALL, **overrides})).double().eval()
+    with torch.no_grad():
+        for name, p in q.named_parameters():
+            if 'time_bias' in name:
+                nn.init.normal_(p, std=0.5)
+            elif 'norm' in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return q
+
+
+def frames(count: int, seed: int, width: int = 24, batch: int = BATCH) -> torch.Tensor:
+    """[count, B, N, width] float64 visual tokens: a random walk plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    walk = torch.randn(count, batch, TOKENS, width, generator=gen, dtype=torch.float64)
+    noise = torch.randn(count, batch, TOKENS, width, generator=gen, dtype=torch.float64)
+    return 0.5 * walk.cumsum(0) + noise
+
+
+def irregular_times(count: int, seed: int) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    gaps = 0.2 + 4.8 * torch.rand(count, generator=gen, dtype=torch.float64)
+    return (gaps.cumsum(0) + 10.0).tolist()
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('cache', [True, False])
+@pytest.mark.parametrize(('capacity', 'steps', 'overrides'), [
+    (4, 60, {}),
+    (1, 30, {'num_layers': 2, 'cross_attention_every': 1, 'num_queries': 5}),
+    (None, 25, {'num_layers': 2}),
+])
+def test_step_matches_reference(cache: bool, capacity: int | None, steps: int,
+                                overrides: dict[str, int]) -> None:
+    q = build(seed=1, **overrides)
+    for i, layer in enumerate(q.layers):
+        assert (layer.cross_attention is not None) == (i % q.config.cross_attention_every == 0)
+    memory = q.new_memory(capacity, cache_projections=cache)
+    ref = RefQFormer(q, capacity)
+    xs, times = frames(steps, seed=2), irregular_times(steps, seed=3)
+    with torch.no_grad():
+        for i in range(steps):
+            out = q.step(xs[i], times[i], memory)
+            expected = ref.step(xs[i], times[i])
+            assert out.shape == (BATCH, q.config.num_queries, q.config.hidden_size)
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-9,
+                                       msg=lambda m, i=i: f'step {i}: {m}')
+    assert len(memory) == (steps if capacity is None else capacity)
+    for bank, ref_bank in [(memory.visual, ref.visual),
+                           *zip(memory.queries, ref.queries, strict=True)]:
+        np.testing.assert_allclose(bank.tokens.numpy(), ref_bank.tokens, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(bank.counts.numpy(), ref_bank.counts, rtol=0, atol=0)
+        np.testing.assert_allclose(bank.times.numpy(), ref_bank.times, rtol=0, atol=1e-9)
+    assert memory.frames_seen == steps
+
+
+# Regression: layer 0's query bank stores the same embed_norm(query_tokens) every step;
+# its merges must follow the first-pair tie rule, not float rounding.
+def test_layer0_query_bank_follows_first_pair_on_ties() -> None:
+    q = build(seed=1)
+    memory = q.new_memory(4)
+    ref = RefQFormer(q, 4)
+    xs, times = frames(20, seed=2), irregular_times(20, seed=3)
+    with torch.no_grad():
+        for i in range(20):
+            out, expected = q.step(xs[i], times[i], memory), ref.step(xs[i], times[i])
+            torch.testing.assert_close(memory.queries[0].counts.numpy(), ref.queries[0].counts,
+                                       rtol=0, atol=0, msg=lambda m, i=i: f'step {i}: {m}')
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-9,
+                                       msg=lambda m, i=i: f'step {i}: {m}')
+    assert ref.queries[0].counts[0].T.tolist() == [[17.0, 1.0, 1.0, 1.0]] * 8
+
+
+def test_cached_and_recomputed_projections_agree_over_a_long_stream() -> None:
+    q = build(seed=4)
+    cached, recompute = q.new_memory(10), q.new_memory(10, cache_projections=False)
+    xs = frames(200, seed=5)
+    worst = 0.0
+    with torch.no_grad():
+        for i in range(200):
+            a = q.step(xs[i], 0.5 * i, cached)
+            b = q.step(xs[i], 0.5 * i, recompute)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            worst = max(worst, (a - b).abs().max().item())
+    assert worst < 1e-11
+    assert cached.visual.compressions == recompute.visual.compressions == 190
+    # The cache stays exact: stored projections equal the projections of the merged tokens.
+    with torch.no_grad():
+        for layer in q.layers:
+            if layer.cross_attention is not None:
+                att, bank = layer.cross_attention, cached.visual
+                for name, proj in (('k', att.key), ('v', att.value)):
+                    stored = bank.ordered(f'{att.cache_key}.{name}')
+                    torch.testing.assert_close(stored, proj(bank.tokens), rtol=0, atol=1e-12)
+        for layer, bank in zip(q.layers, cached.queries, strict=True):
+            att = layer.self_attention
+            torch.testing.assert_close(bank.ordered('self.k'), att.key(bank.tokens), rtol=0,
+                                       atol=1e-12)
+            torch.testing.assert_close(bank.ordered('self.v'), att.value(bank.tokens), rtol=0,
+                                       atol=1e-12)
+
+
+def test_outputs_depend_on_ages_not_absolute_time() -> None:
+    q = build(seed=6)
+    xs = frames(80, seed=7)
+    results = {}
+    for offset, spacing in ((0.0, 1.0), (100_000.0, 1.0), (0.0, 7.0)):
+        memory = q.new_memory(10)
+        with torch.no_grad():
+            results[offset, spacing] = torch.stack(
+                [q.step(xs[i], offset + spacing * i, memory) for i in range(80)])
+    torch.testing.assert_close(results[100_000.0, 1.0], results[0.0, 1.0], rtol=0, atol=1e-12)
+    # Not vacuous: the same frames at another spacing give other outputs once memory exists.
+    assert (results[0.0, 7.0][1:] - results[0.0, 1.0][1:]).abs().amax() > 1e-3
+    torch.testing.assert_close(results[0.0, 7.0][0], results[0.0, 1.0][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_memory_size_is_constant_after_capacity(cache: bool) -> None:
+    q = build(seed=8, num_layers=2)
+    memory = q.new_memory(10, cache_projections=cache)
+    unbounded = q.new_memory(None, cache_projections=cache)
+    xs = frames(310, seed=9)
+    sizes, unbounded_sizes = [], []
+    with torch.no_grad():
+        for i in range(310):
+            q.step(xs[i], float(i), memory)
+            sizes.append(memory.nbytes())
+            if i < 40:
+                q.step(xs[i], float(i), unbounded)
+                unbounded_sizes.append(unbounded.nbytes())
+    assert len(memory) == 10
+    assert len(set(sizes[9:])) == 1
+    assert unbounded_sizes[-1] > unbounded_sizes[9]  # control: without M the memory grows
+
+
+def test_reset_restarts_the_stream() -> None:
+    q = build(seed=10)
+    xs = frames(40, seed=11)
+    memory = q.new_memory(4)
+    with torch.no_grad():
+        for i in range(25):
+            q.step(xs[i], float(i), memory)
+        memory.reset()
+        assert memory.frames_seen == 0
+        assert len(memory) == 0
+        assert [len(bank) for bank in memory.queries] == [0] * q.config.num_layers
+        fresh = q.new_memory(4)
+        for i in range(25, 40):
+            torch.testing.assert_close(q.step(xs[i], float(i), memory),
+                                       q.step(xs[i], float(i), fresh), rtol=0, atol=0)
+
+
+def run_training_step(q: MemoryQFormer, cache: bool, input_grad: bool, warm: int = 8,
+                      ) -> tuple[torch.Tensor, torch.Tensor, StreamMemory]:
+    """Warm a memory (M=4) with `warm` frames, then one step with grad and backward; returns
+    x, the loss weights and the memory as it was before the step."""
+    q.train()
+    q.zero_grad(set_to_none=True)
+    memory = q.new_memory(4, cache_projections=cache)
+    xs = frames(warm + 1, seed=12)
+    with torch.no_grad():
+        for i in range(warm):
+            q.step(xs[i], 0.5 * i, memory)
+    before = copy.deepcopy(memory)
+    x = xs[warm].clone().requires_grad_(input_grad)
+    weights = torch.randn(BATCH, q.config.num_queries, q.config.hidden_size,
+                          generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    loss = (q.step(x, 0.5 * warm, memory) * weights).sum()
+    loss.backward()
+    return x, weights, before
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_gradients_reach_input_queries_and_cross_attention(cache: bool) -> None:
+    q = build(seed=14)
+    x, weights, before = run_training_step(q, cache, input_grad=True)
+    cross = q.layers[0].cross_attention
+    for grad in (x.grad, q.query_tokens.grad, cross.key.weight.grad, cross.value.weight.grad,
+                 q.layers[1].self_attention.key.weight.grad):
+        assert grad is not None
+        assert grad.abs().amax() > 1e-8
+
+    # Finite differences along a random direction, from the same memory (memory is constant).
+    def loss_at(x_value: torch.Tensor) -> float:
+        with torch.no_grad():
+            return (q.step(x_value, 4.0, copy.deepcopy(before)) * weights).sum().item()
+
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(15),
+                            dtype=torch.float64)
+    eps = 1e-6
+    numeric = (loss_at(x.detach() + eps * direction)
+               - loss_at(x.detach() - eps * direction)) / (2 * eps)
+    analytic = (x.grad * direction).sum().item()
+    assert numeric == pytest.approx(analytic, rel=1e-6, abs=1e-8)
+
+    direction = torch.randn(q.query_tokens.shape, generator=torch.Generator().manual_seed(16),
+                            dtype=torch.float64)
+    original = q.query_tokens.detach().clone()
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            q.query_tokens.copy_(original + sign * eps * direction)
+        values.append(loss_at(x.detach()))
+    with torch.no_grad():
+        q.query_tokens.copy_(original)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    analytic = (q.query_tokens.grad * direction).sum().item()
+    assert numeric == pytest.approx(analytic, rel=1e-6, abs=1e-8)
+
+
+def gradients(q: MemoryQFormer, cache: bool, input_grad: bool, warm: int = 8
+              ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor | None]]:
+    x, _, _ = run_training_step(q, cache, input_grad, warm)
+    return x.grad, {name: None if p.grad is None else p.grad.clone()
+                    for name, p in q.named_parameters()}
+
+
+def is_key_or_value(name: str) -> bool:
+    return '.key.' in name or '.value.' in name
+
+
+def test_cached_and_recompute_give_the_same_input_gradient() -> None:
+    q = build(seed=17)
+    x_cached, cached = gradients(q, cache=True, input_grad=True)
+    x_recompute, recompute = gradients(q, cache=False, input_grad=True)
+    torch.testing.assert_close(x_cached, x_recompute, rtol=0, atol=1e-9)
+    for name in cached:
+        torch.testing.assert_close(cached[name], recompute[name], rtol=0, atol=1e-9,
+                                   msg=lambda m, name=name: f'{name}: {m}')
+    assert cached['query_tokens'].abs().amax() > 1e-8
+
+
+# Regression: in training, key/value weights get gradients through every stored slot with
+# cached projections too (the cache is detached, so training recomputes from tokens).
+@pytest.mark.parametrize('input_grad', [False, True], ids=['frozen_input', 'trainable_input'])
+def test_cached_key_value_weight_gradients_match_recompute(input_grad: bool) -> None:
+    q = build(seed=18)
+    _, cached = gradients(q, cache=True, input_grad=input_grad, warm=3)
+    _, recompute = gradients(q, cache=False, input_grad=input_grad, warm=3)
+    for name in sorted(filter(is_key_or_value, cached), key=lambda n: 'cross' not in n):
+        assert recompute[name] is not None
+        assert cached[name] is not None, f'{name} gets no gradient with cached projections'
+        torch.testing.assert_close(cached[name], recompute[name], rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, name=name: f'{name}: {m}')
+
+
+# Regression: recompute-mode training with a frozen input and a full bank must not trip
+# autograd's in-place check when the bank compresses after the step.
+def test_recompute_training_with_frozen_input_at_capacity_backpropagates() -> None:
+    q = build(seed=22)
+    run_training_step(q, cache=False, input_grad=False, warm=8)
+    for layer in q.layers:
+        if layer.cross_attention is not None:
+            assert layer.cross_attention.key.weight.grad is not None
+
+
+def test_memory_for_another_layer_count_is_rejected() -> None:
+    q = build(seed=19)
+    memory = build(seed=19, num_layers=2).new_memory(4)
+    x = frames(1, seed=20)[0]
+    with pytest.raises(ValueError, match=re.escape('memory has 2 query banks for 3 layers')):
+        q.step(x, 0.0, memory)
+    assert len(memory) == 0
+    assert memory.frames_seen == 0
+    with pytest.raises(ValueError, match='memory has 4 query banks for 3 layers'):
+        q.step(x, 0.0, StreamMemory(4, 4))
+
+
+def test_new_memory_layout() -> None:
+    q = build(seed=21)
+    memory = q.new_memory(6)
+    assert memory.capacity == 6
+    assert len(memory.queries) == 3
+    assert memory.visual.fields == {'cross0.k': 32, 'cross0.v': 32, 'cross2.k': 32,
+                                    'cross2.v': 32}
+    assert all(bank.fields == {'self.k': 32, 'self.v': 32} for bank in memory.queries)
+    bare = q.new_memory(None, cache_projections=False)
+    assert bare.visual.fields == {} and bare.capacity is None
+
+
+def test_blip2_preset_geometry() -> None:
+    config = model_preset('blip2')
+    q = MemoryQFormer(config)
+    assert len(q.layers) == 12
+    cross = [i for i, layer in enumerate(q.layers) if layer.cross_attention is not None]
+    assert cross == [0, 2, 4, 6, 8, 10]
+    assert q.layers[0].cross_attention.key.weight.shape == (768, 1408)
+    assert q.layers[1].self_attention.key.weight.shape == (768, 768)
+    assert q.layers[0].feed_forward.dense_in.weight.shape == (3072, 768)
+    assert q.query_tokens.shape == (1, 32, 768)

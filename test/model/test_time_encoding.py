@@ -1,0 +1,133 @@
+"""Tests of the relative-time attention bias: log-spaced age buckets and the per-head table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from malmm_ros.model.time_encoding import RelativeTimeBias, age_buckets
+
+BUCKET_GRIDS = [(2, 1.0), (3, 10.0), (16, 600.0), (32, 3600.0), (8, 1e7)]
+
+
+def lower_edge(bucket: int, num_buckets: int, max_age_s: float) -> float:
+    """Smallest age of past bucket `bucket` (>= 1): the ages (1 + max)^(j / (nb - 2)) - 1 split
+    (0, max] into num_buckets - 2 equal steps of log(1 + age); written with powers, not logs."""
+    return (1.0 + max_age_s) ** ((bucket - 1) / (num_buckets - 2)) - 1.0
+
+
+@pytest.mark.parametrize('age', [0.0, -0.0, -1e-9, -1.0, -1e6, float('-inf')])
+def test_current_and_future_ages_are_bucket_zero(age: float) -> None:
+    assert age_buckets(torch.tensor([age]), 16, 600.0).tolist() == [0]
+
+
+# Hand-checked with num_buckets=16, max_age_s=600: scale = 14 / log1p(600) = 14 / 6.398595
+# = 2.187981; bucket = 1 + floor(log1p(age) * scale).
+HAND_CHECKED = [
+    (1e-6, 1),  # log1p = 1e-6 -> 2.2e-6 -> floor 0
+    (0.5, 1),  # log1p = 0.405465 -> 0.887 -> floor 0
+    (0.6, 2),  # log1p = 0.470004 -> 1.028 -> floor 1
+    (1.0, 2),  # log1p = 0.693147 -> 1.517 -> floor 1
+    (10.0, 6),  # log1p = 2.397895 -> 5.247 -> floor 5
+    (60.0, 9),  # log1p = 4.110874 -> 8.995 -> floor 8
+    (61.0, 10),  # log1p = 4.127134 -> 9.030 -> floor 9
+    (300.0, 13),  # log1p = 5.707110 -> 12.487 -> floor 12
+    (599.0, 14),  # log1p = 6.396930 -> 13.996 -> floor 13
+]
+
+
+@pytest.mark.parametrize(('age', 'bucket'), HAND_CHECKED)
+def test_hand_checked_buckets(age: float, bucket: int) -> None:
+    assert age_buckets(torch.tensor([age], dtype=torch.float64), 16, 600.0).item() == bucket
+
+
+def test_hand_checked_table_matches_log1p_arithmetic() -> None:
+    # Guards the table above against typos: recompute each row from math.log1p.
+    scale = 14 / math.log1p(600.0)
+    for age, bucket in HAND_CHECKED:
+        assert 1 + math.floor(math.log1p(age) * scale) == bucket
+
+
+@pytest.mark.parametrize(('num_buckets', 'max_age_s'), BUCKET_GRIDS)
+def test_positive_ages_map_to_past_buckets_monotonically(num_buckets: int,
+                                                         max_age_s: float) -> None:
+    ages = torch.logspace(-9, 9, 20001, dtype=torch.float64)
+    buckets = age_buckets(ages, num_buckets, max_age_s)
+    assert buckets.dtype == torch.int64
+    assert buckets.min().item() == 1
+    assert buckets.max().item() == num_buckets - 1
+    assert (buckets[1:] >= buckets[:-1]).all()
+    # Every bucket is used somewhere over such a wide range of ages.
+    assert set(buckets.tolist()) == set(range(1, num_buckets))
+
+
+@pytest.mark.parametrize(('num_buckets', 'max_age_s'), BUCKET_GRIDS)
+def test_ages_beyond_max_share_the_last_bucket(num_buckets: int, max_age_s: float) -> None:
+    ages = torch.tensor([max_age_s * 1.001, max_age_s * 2, max_age_s * 1e3, 1e12, 1e300],
+                        dtype=torch.float64)
+    assert age_buckets(ages, num_buckets, max_age_s).tolist() == [num_buckets - 1] * 5
+
+
+def test_infinite_age_lands_in_last_bucket() -> None:
+    ages = torch.tensor([float('inf'), 1.0])
+    assert age_buckets(ages, 16, 600.0).tolist() == [15, 2]
+
+
+# Regression: with 2 buckets (log scale 0) an infinite age must not become NaN -> bucket
+# INT64_MIN.
+def test_infinite_age_with_two_buckets_is_in_range() -> None:
+    ages = torch.tensor([float('inf'), 1.0, 0.0])
+    assert age_buckets(ages, 2, 600.0).tolist() == [1, 1, 0]
+
+
+@pytest.mark.parametrize(('num_buckets', 'max_age_s'), [g for g in BUCKET_GRIDS if g[0] > 2])
+def test_bucket_edges_are_log_spaced(num_buckets: int, max_age_s: float) -> None:
+    for bucket in range(2, num_buckets - 1):
+        edge = lower_edge(bucket, num_buckets, max_age_s)
+        ages = torch.tensor([edge * (1 - 1e-9), edge * (1 + 1e-9)], dtype=torch.float64)
+        assert age_buckets(ages, num_buckets, max_age_s).tolist() == [bucket - 1, bucket]
+
+
+def test_keeps_shape_and_accepts_other_dtypes() -> None:
+    ages = torch.tensor([[[0.0, 0.5], [10.0, 1e6]], [[-3.0, 1.0], [60.0, 61.0]]])
+    expected = [[[0, 1], [6, 15]], [[0, 2], [9, 10]]]
+    for dtype in (torch.float32, torch.float64):
+        buckets = age_buckets(ages.to(dtype), 16, 600.0)
+        assert buckets.shape == ages.shape
+        assert buckets.tolist() == expected
+    integer = age_buckets(torch.tensor([-5, 0, 1, 10, 10_000]), 16, 600.0)
+    assert integer.tolist() == [0, 0, 2, 6, 15]
+
+
+def test_relative_time_bias_is_zero_at_init() -> None:
+    bias = RelativeTimeBias(4, 16, 600.0)
+    out = bias(torch.tensor([[0.0, 1.0, 1e9]]))
+    assert torch.equal(out, torch.zeros(1, 4, 1, 3))
+
+
+@pytest.mark.parametrize(('batch', 'heads'), [(1, 1), (2, 3), (3, 8)])
+def test_relative_time_bias_picks_table_rows_by_bucket(batch: int, heads: int) -> None:
+    module = RelativeTimeBias(heads, 16, 600.0)
+    with torch.no_grad():  # row j, column h holds 100 j + h
+        module.table.copy_(100.0 * torch.arange(16.0)[:, None] + torch.arange(float(heads)))
+    ages = torch.tensor([0.0, -2.0, 0.5, 1.0, 10.0, 60.0, 61.0, 599.0, 1e6])
+    buckets = [0, 0, 1, 2, 6, 9, 10, 14, 15]
+    ages = torch.stack([ages.roll(b) for b in range(batch)])  # different order per batch row
+    out = module(ages)
+    assert out.shape == (batch, heads, 1, ages.shape[1])
+    for b in range(batch):
+        row_buckets = [buckets[(s - b) % len(buckets)] for s in range(ages.shape[1])]
+        for h in range(heads):
+            assert out[b, h, 0].tolist() == [100.0 * j + h for j in row_buckets]
+
+
+def test_relative_time_bias_gradient_counts_bucket_hits() -> None:
+    module = RelativeTimeBias(2, 16, 600.0)
+    ages = torch.tensor([[0.0, 0.5, 0.5, 10.0], [1e6, 10.0, 0.0, 0.0]])
+    module(ages).sum().backward()
+    expected = torch.zeros(16, 2)
+    for bucket, hits in {0: 3, 1: 2, 6: 2, 15: 1}.items():
+        expected[bucket] = hits
+    assert torch.equal(module.table.grad, expected)
