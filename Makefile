@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/malmm-demo --labels-dir $(EPIC_ANNOTATIONS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check malmm_ros test bench setup.py
+	$(VENV)/bin/ruff check malmm_ros test bench setup.py launch
 
 test: lint
 	$(PY) -m pytest -q -rs test

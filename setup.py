@@ -15,6 +15,9 @@ setup(
         (f'share/{PACKAGE}', ['package.xml']),
         (f'share/{PACKAGE}/launch', glob('launch/*.launch.py')),
         (f'share/{PACKAGE}/config', glob('config/*.yaml')),
+        # `ros2 run malmm_ros anticipate` looks in lib/<package>; a data file keeps the console
+        # scripts below in the venv's bin for `pip install -e .` (no setup.cfg script_dir).
+        (f'lib/{PACKAGE}', ['scripts/anticipate']),
     ],
     install_requires=['setuptools'],
     extras_require={'tensorrt': ['tensorrt>=10']},
@@ -23,10 +26,10 @@ setup(
     maintainer_email='maintainers@malmm-ros.invalid',
     description='Online action anticipation with MA-LMM long-term memory for ROS 2.',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'malmm-demo = malmm_ros.cli.demo:main',
+            'malmm-anticipate = malmm_ros.ros.anticipate_node:main',
         ],
     },
 )

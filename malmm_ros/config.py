@@ -23,6 +23,7 @@ __all__ = [
     'AnticipateConfig',
     'LabelsConfig',
     'ModelConfig',
+    'QosConfig',
     'flatten',
     'load_config',
 ]
@@ -102,6 +103,19 @@ class LabelsConfig:
 
 
 @dataclass(frozen=True)
+class QosConfig:
+    """Quality of service of the camera subscription (the node only)."""
+
+    reliability: str = _spec('best_effort', 'best_effort matches camera drivers (sensor data); '
+                             'reliable only talks to reliable publishers',
+                             choices=('best_effort', 'reliable'))
+    depth: int = _spec(1, 'subscription queue depth; 1 keeps only the newest frame', 1, 100)
+
+    def __post_init__(self) -> None:
+        _validate(self, 'qos')
+
+
+@dataclass(frozen=True)
 class AnticipateConfig:
     """Everything the pipeline and the node need; mirrors config/anticipate.yaml."""
 
@@ -115,8 +129,16 @@ class AnticipateConfig:
     num_threads: int = _spec(0, 'torch intra-op threads (0: library default)', 0, 256)
     max_gap_s: float = _spec(10.0, 'a stamp gap longer than this resets the memory (0: never)',
                              0.0, 1e6)
+    input_transport: str = _spec('raw', 'raw: sensor_msgs/Image on `image`; compressed: '
+                                 'sensor_msgs/CompressedImage on `image/compressed`',
+                                 choices=('raw', 'compressed'))
+    stale_after_s: float = _spec(2.0, 'diagnostics report ERROR when no frame arrived for this '
+                                 'long', 0.1, 3600.0)
+    max_image_side: int = _spec(4096, 'frames with a larger width or height are refused', 16,
+                                16384)
     model: ModelConfig = field(default_factory=ModelConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    qos: QosConfig = field(default_factory=QosConfig)
 
     def __post_init__(self) -> None:
         _validate(self, '')
@@ -137,26 +159,34 @@ class AnticipateConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = '<dict>') -> AnticipateConfig:
         """Build from a nested or dotted dict, or a whole ROS 2 parameter file's contents."""
         flat = flatten(_unwrap_ros_parameters(data, source))
-        model_fields = {k.split('.', 1)[1]: v for k, v in flat.items() if k.startswith('model.')}
-        label_fields = {k.split('.', 1)[1]: v for k, v in flat.items() if k.startswith('labels.')}
-        top = {k: v for k, v in flat.items() if '.' not in k}
-        unknown = sorted(set(flat) - set(top) - {f'model.{k}' for k in model_fields}
-                         - {f'labels.{k}' for k in label_fields})
-        unknown += sorted(k for k in top if k not in _field_names(cls) or k in ('model', 'labels'))
-        unknown += sorted(f'model.{k}' for k in model_fields if k not in _field_names(ModelConfig))
-        unknown += sorted(f'labels.{k}' for k in label_fields
-                          if k not in _field_names(LabelsConfig))
+        groups = _GROUPS  # group name -> dataclass
+        by_group: dict[str, dict[str, Any]] = {name: {} for name in groups}
+        top: dict[str, Any] = {}
+        unknown = []
+        for key, value in flat.items():
+            group, _, name = key.partition('.')
+            if name and group in groups and name in _field_names(groups[group]):
+                by_group[group][name] = value
+            elif not name and key in _field_names(cls) and key not in groups:
+                top[key] = value
+            else:
+                unknown.append(key)
         if unknown:
-            raise ConfigError(f'{source}: unknown parameter(s) {", ".join(unknown)}')
+            raise ConfigError(f'{source}: unknown parameter(s) {", ".join(sorted(unknown))}')
         try:
+            model_fields = by_group.pop('model')
             preset = model_fields.pop('preset', 'edge')
             if not isinstance(preset, str):
                 raise ConfigError(f'model.preset must be a string, got {preset!r}')
-            model = model_preset(preset, **_coerce(ModelConfig, model_fields, 'model'))
-            labels = LabelsConfig(**_coerce(LabelsConfig, label_fields, 'labels'))
-            return cls(model=model, labels=labels, **_coerce(cls, top, ''))
+            built = {'model': model_preset(preset, **_coerce(ModelConfig, model_fields, 'model'))}
+            for group, values in by_group.items():
+                built[group] = groups[group](**_coerce(groups[group], values, group))
+            return cls(**built, **_coerce(cls, top, ''))
         except ConfigError as exc:
             raise ConfigError(f'{source}: {exc}') from None
+
+
+_GROUPS: dict[str, type] = {'model': ModelConfig, 'labels': LabelsConfig, 'qos': QosConfig}
 
 
 def load_config(source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None = None

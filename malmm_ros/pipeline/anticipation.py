@@ -88,6 +88,30 @@ class AnticipationPipeline:
     def model_name(self) -> str:
         return f'malmm-{self.config.model.preset}'
 
+    @property
+    def last_latency_ms(self) -> dict[str, float]:
+        """Encoder and memory milliseconds of the newest sampled frame (empty before one)."""
+        return dict(self._latency)
+
+    # Settings that change how frames are fed, not the model or its memory.
+    LIVE_SETTINGS = frozenset({'sample_fps', 'publish_every_n', 'max_gap_s', 'stale_after_s',
+                               'max_image_side', 'num_threads'})
+
+    def apply_settings(self, config: AnticipateConfig) -> None:
+        """Take new values of LIVE_SETTINGS without touching the model or the memory.
+
+        Raises ValueError if anything else differs: such changes need a new pipeline.
+        """
+        old, new = self.config.to_parameters(), config.to_parameters()
+        others = sorted(k for k in new if new[k] != old[k] and k not in self.LIVE_SETTINGS)
+        if others:
+            raise ValueError(f'{", ".join(others)} cannot change on a running pipeline')
+        if config.sample_fps != self.config.sample_fps:
+            self.sampler = FrameSampler(config.sample_fps)
+        if config.num_threads and config.num_threads != self.config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+
     def reset(self) -> None:
         """Forget the stream: memory, sampling grid and time origin."""
         self.memory.reset()

@@ -1,0 +1,1 @@
+"""ROS 2 adapter: converts messages, manages threads, publishes."""

@@ -1,0 +1,230 @@
+"""malmm_anticipate: camera frames in, next-action predictions out on malmm/actions.
+
+The image callback only samples by stamp and hands the newest frame to a keep-latest slot; a
+worker thread decodes, runs the pipeline and publishes, so a slow step never queues stale frames
+and never blocks the executor. Everything model-related lives in malmm_ros.pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+
+from malmm_ros.config import AnticipateConfig
+from malmm_ros.errors import ConfigError, FrameError, MalmmError
+from malmm_ros.pipeline import AnticipationPipeline, FrameSampler, Prediction
+from malmm_ros.ros.diagnostics import NodeStats, diagnostic_array
+from malmm_ros.ros.image_codec import decode_compressed, decode_image, encode_bgr8
+from malmm_ros.ros.latest_slot import LatestSlot
+from malmm_ros.ros.overlay import draw_overlay
+from malmm_ros.ros.parameters import READ_ONLY, config_from_parameters, declare_config_parameters
+
+__all__ = ['AnticipateNode', 'main']
+
+THROTTLE_S = 5.0
+
+
+def _stamp_ns(msg: Image | CompressedImage) -> int:
+    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+
+def _pipeline(config: AnticipateConfig) -> AnticipationPipeline:
+    # The node samples in its callback (to drop frames before decoding), so the pipeline
+    # takes every frame it is given.
+    return AnticipationPipeline(config.replace(sample_fps=0.0))
+
+
+class AnticipateNode(Node):
+    """Subscribes to `image` (or `image/compressed`), publishes malmm/actions and friends."""
+
+    def __init__(self) -> None:
+        super().__init__('malmm_anticipate')
+        self.config = declare_config_parameters(self)
+        self.pipeline = _pipeline(self.config)
+        self.sampler = FrameSampler(self.config.sample_fps)
+        self.slot = LatestSlot()
+        self.stats = NodeStats()
+        self._pipeline_lock = threading.Lock()  # pipeline swap, reset and push
+        self._last_prediction: Prediction | None = None
+        self._last_stamp_ns: int | None = None
+
+        reliability = (ReliabilityPolicy.RELIABLE if self.config.qos.reliability == 'reliable'
+                       else ReliabilityPolicy.BEST_EFFORT)
+        camera_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.config.qos.depth,
+                                reliability=reliability)
+        if self.config.input_transport == 'raw':
+            self.create_subscription(Image, 'image', self.image_callback, camera_qos)
+        else:
+            self.create_subscription(CompressedImage, 'image/compressed', self.image_callback,
+                                     camera_qos)
+        self.actions_pub = self.create_publisher(String, 'malmm/actions', QoSProfile(
+            depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.labels_pub = self.create_publisher(String, 'malmm/labels', latched)
+        self.overlay_pub = self.create_publisher(Image, 'malmm/overlay', 1)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self.create_service(Trigger, '~/reset', self.reset_callback)
+        self.create_timer(1.0, self.diagnostics_callback)
+        self.add_on_set_parameters_callback(self.parameters_callback)
+        self._publish_labels()
+
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._inference_loop, name='malmm_inference',
+                                        daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f'{self.pipeline.model_name} on {self.pipeline.encoder.name}, '
+            f'{self.config.input_transport} input, M={self.config.memory_bank_length}, '
+            f'sampling {self.config.sample_fps} fps, trained={self.pipeline.trained}')
+        if not self.pipeline.trained:
+            self.get_logger().warning('no checkpoint: heads are untrained, predictions are '
+                                      'meaningless (set the "checkpoint" parameter)')
+
+    # -- callbacks --------------------------------------------------------------------------
+
+    def image_callback(self, msg: Image | CompressedImage) -> None:
+        """Sample by stamp and hand the newest frame to the worker; never blocks."""
+        stamp = _stamp_ns(msg)
+        with self.stats.lock:
+            self.stats.frames_in += 1
+            self.stats.last_frame_time = time.monotonic()
+        if self._last_stamp_ns is not None and stamp < self._last_stamp_ns:
+            self.sampler.reset()  # a looping bag: the pipeline resets its memory on this frame
+        self._last_stamp_ns = stamp
+        if not self.sampler.accept(stamp):
+            return
+        with self.stats.lock:
+            self.stats.frames_sampled += 1
+        self.slot.put(msg)
+
+    def reset_callback(self, request: Trigger.Request, response: Trigger.Response
+                       ) -> Trigger.Response:
+        """~/reset: forget the stream (memory, sampling grid)."""
+        with self._pipeline_lock:
+            self.pipeline.reset()
+        self.slot.clear()
+        self.sampler.reset()
+        self._last_prediction = None
+        response.success, response.message = True, 'memory cleared'
+        self.get_logger().info('memory reset by service call')
+        return response
+
+    def parameters_callback(self, params: list) -> SetParametersResult:
+        """Apply a parameter change whole or refuse it with the reason; never half-apply."""
+        changes = {p.name: p.value for p in params}
+        frozen = sorted(set(changes) & READ_ONLY)
+        if frozen:
+            return SetParametersResult(successful=False, reason=f'{", ".join(frozen)} cannot '
+                                       'change at run time; restart the node')
+        try:
+            config = config_from_parameters(self, changes)
+        except ConfigError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        try:
+            with self._pipeline_lock:
+                try:
+                    self.pipeline.apply_settings(config)
+                except ValueError:  # a model setting: build the new pipeline, then swap
+                    self.pipeline = _pipeline(config)
+                    self._publish_labels()
+        except MalmmError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        if config.sample_fps != self.config.sample_fps:
+            self.sampler = FrameSampler(config.sample_fps)
+        self.config = config
+        return SetParametersResult(successful=True)
+
+    def diagnostics_callback(self) -> None:
+        pipeline = self.pipeline
+        self.diagnostics_pub.publish(diagnostic_array(
+            self.get_clock().now().to_msg(), name=f'{self.get_name()}: anticipation',
+            hardware_id=pipeline.encoder.name, stats=self.stats, dropped=self.slot.dropped,
+            resets=pipeline.stats['resets'], memory_slots=len(pipeline.memory),
+            backend=pipeline.encoder.name, device=self.config.device,
+            trained=pipeline.trained, stale_after_s=self.config.stale_after_s))
+
+    # -- worker -----------------------------------------------------------------------------
+
+    def _inference_loop(self) -> None:
+        while not self._stop.is_set():
+            msg = self.slot.take(timeout=0.2)
+            if msg is not None:
+                self._process(msg)
+
+    def _process(self, msg: Image | CompressedImage) -> None:
+        side = self.config.max_image_side
+        try:
+            if isinstance(msg, CompressedImage):
+                image = decode_compressed(msg.format, msg.data, max_side=side)
+            else:
+                image = decode_image(msg.encoding, msg.width, msg.height, msg.step,
+                                     bool(msg.is_bigendian), msg.data, max_side=side)
+            with self._pipeline_lock:
+                prediction = self.pipeline.push(image, _stamp_ns(msg), msg.header.frame_id)
+                latency = self.pipeline.last_latency_ms
+        except FrameError as exc:
+            with self.stats.lock:
+                self.stats.bad_frames += 1
+            self.get_logger().warning(f'bad frame skipped: {exc}',
+                                      throttle_duration_sec=THROTTLE_S)
+            return
+        with self.stats.lock:
+            self.stats.processed += 1
+            self.stats.step_ms.append(sum(latency.values()))
+        if prediction is not None:
+            self._last_prediction = prediction
+            self.actions_pub.publish(String(data=json.dumps(prediction.to_dict())))
+            with self.stats.lock:
+                self.stats.predictions += 1
+        if self.overlay_pub.get_subscription_count() > 0:  # no drawing when nobody watches
+            width, height, step, data = encode_bgr8(draw_overlay(image, self._last_prediction))
+            overlay = Image(header=msg.header, height=height, width=width, encoding='bgr8',
+                            is_bigendian=0, step=step, data=data)
+            self.overlay_pub.publish(overlay)
+
+    def _publish_labels(self) -> None:
+        labels = self.pipeline.labels.to_dict()
+        labels['schema'] = 'malmm_ros/labels/v1'
+        labels['trained'] = self.pipeline.trained
+        self.labels_pub.publish(String(data=json.dumps(labels)))
+
+    def stop(self) -> None:
+        """Stop the worker thread (called before the node is destroyed)."""
+        self._stop.set()
+        self._worker.join(timeout=5.0)
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = AnticipateNode()
+        rclpy.spin(node)
+    except MalmmError as exc:
+        print(f'ERROR: {exc}', file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.stop()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Counters of the node and their /diagnostics message."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+__all__ = ['NodeStats', 'diagnostic_array']
+
+
+@dataclass
+class NodeStats:
+    """What /diagnostics reports; written by the callback and worker threads under `lock`."""
+
+    frames_in: int = 0
+    frames_sampled: int = 0
+    processed: int = 0
+    predictions: int = 0
+    bad_frames: int = 0
+    last_frame_time: float | None = None  # monotonic seconds of the newest arrival
+    started: float = field(default_factory=time.monotonic)
+    step_ms: deque = field(default_factory=lambda: deque(maxlen=200))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _previous: tuple[float, int, int, int] | None = None  # (time, in, processed, dropped)
+
+    def rates(self, dropped: int) -> tuple[float, float, bool]:
+        """(input Hz, processed Hz, dropped since last call) over the time since last call."""
+        now = time.monotonic()
+        previous = self._previous or (self.started, 0, 0, 0)
+        self._previous = (now, self.frames_in, self.processed, dropped)
+        span = max(now - previous[0], 1e-6)
+        return ((self.frames_in - previous[1]) / span, (self.processed - previous[2]) / span,
+                dropped > previous[3])
+
+
+def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dropped: int,
+                     resets: int, memory_slots: int, backend: str, device: str, trained: bool,
+                     stale_after_s: float) -> DiagnosticArray:
+    """One DiagnosticStatus: OK, WARN (untrained or dropping) or ERROR (no frames lately)."""
+    with stats.lock:
+        input_hz, processed_hz, dropping = stats.rates(dropped)
+        steps = np.array(stats.step_ms) if stats.step_ms else None
+        last = stats.last_frame_time
+        values = {
+            'input_rate_hz': f'{input_hz:.2f}', 'processed_rate_hz': f'{processed_hz:.2f}',
+            'frames_in': stats.frames_in, 'frames_sampled': stats.frames_sampled,
+            'processed': stats.processed, 'predictions': stats.predictions,
+            'dropped': dropped, 'bad_frames': stats.bad_frames, 'resets': resets,
+        }
+    values['step_latency_p50_ms'] = f'{np.percentile(steps, 50):.2f}' if steps is not None \
+        else 'n/a'
+    values['step_latency_p95_ms'] = f'{np.percentile(steps, 95):.2f}' if steps is not None \
+        else 'n/a'
+    values.update(memory_slots=memory_slots, backend=backend, device=device, trained=trained)
+
+    since = time.monotonic() - (last if last is not None else stats.started)
+    if since > stale_after_s:
+        level, message = DiagnosticStatus.ERROR, f'no frame for {since:.1f} s'
+    elif dropping:
+        level, message = DiagnosticStatus.WARN, 'dropping frames: inference slower than input'
+    elif not trained:
+        level, message = DiagnosticStatus.WARN, 'untrained heads: predictions are meaningless'
+    else:
+        level, message = DiagnosticStatus.OK, 'running'
+    status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id,
+                              values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+    array = DiagnosticArray(status=[status])
+    array.header.stamp = stamp
+    return array

@@ -1,0 +1,75 @@
+"""Node parameters from the one config schema (malmm_ros.config): declare, read, validate.
+
+Every field of AnticipateConfig becomes a parameter of the same dotted name, with its
+description and range in the descriptor, so `ros2 param describe` shows what the YAML says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.node import Node
+
+from malmm_ros.config import AnticipateConfig
+from malmm_ros.errors import ConfigError
+
+__all__ = ['READ_ONLY', 'config_from_parameters', 'declare_config_parameters', 'field_specs']
+
+# Changing these needs a new subscription; refuse them at run time (restart the node instead).
+READ_ONLY = frozenset({'input_transport', 'qos.reliability', 'qos.depth'})
+
+
+def field_specs(config_cls: type = AnticipateConfig, prefix: str = '') -> dict[str, Any]:
+    """{dotted name: dataclasses.Field} for every leaf field of the schema."""
+    specs: dict[str, Any] = {}
+    for f in dataclasses.fields(config_cls):
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            specs.update(field_specs(factory, f'{prefix}{f.name}.'))
+        else:
+            specs[f'{prefix}{f.name}'] = f
+    return specs
+
+
+def _descriptor(name: str, spec: Any, value: Any) -> ParameterDescriptor:
+    meta = spec.metadata
+    text = meta.get('doc', '')
+    if meta.get('choices'):
+        text += f' (one of: {", ".join(meta["choices"])})'
+    descriptor = ParameterDescriptor(description=text, read_only=False)
+    lo, hi = meta.get('range', (None, None))
+    if isinstance(value, bool) or lo is None or hi is None:
+        return descriptor
+    if isinstance(value, int):
+        descriptor.integer_range = [IntegerRange(from_value=int(lo), to_value=int(hi), step=0)]
+    elif isinstance(value, float):
+        descriptor.floating_point_range = [FloatingPointRange(
+            from_value=float(lo), to_value=float(hi), step=0.0)]
+    return descriptor
+
+
+def declare_config_parameters(node: Node, defaults: AnticipateConfig | None = None
+                              ) -> AnticipateConfig:
+    """Declare every config field on `node` and return the validated config it now holds.
+
+    Values come from the defaults overridden by --params-file / -p; an invalid value raises
+    ConfigError naming the parameter, its valid range and the value.
+    """
+    defaults = defaults or AnticipateConfig()
+    specs = field_specs()
+    for name, value in defaults.to_parameters().items():
+        try:
+            node.declare_parameter(name, value, _descriptor(name, specs[name], value))
+        except Exception as exc:  # rclpy raises several types for a bad override
+            raise ConfigError(f'parameter {name}: {exc}') from None
+    return config_from_parameters(node)
+
+
+def config_from_parameters(node: Node, changes: dict[str, Any] | None = None
+                           ) -> AnticipateConfig:
+    """The config the node's parameters describe, with optional pending `changes` applied."""
+    values = {name: node.get_parameter(name).value for name in field_specs()}
+    values.update(changes or {})
+    return AnticipateConfig.from_dict(values, source='parameters')

@@ -1,0 +1,192 @@
+"""Static checks of the launch file, setup.py and package.xml against the node's contract.
+
+`launch` and `launch_ros` are not installable here, so the launch file is read with `ast`,
+never imported. Parameter names come from the config schema the node declares them from.
+"""
+
+from __future__ import annotations
+
+import ast
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from malmm_ros.config import AnticipateConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = 'malmm_ros'
+LAUNCH_FILE = ROOT / 'launch' / 'anticipate.launch.py'
+EXECUTABLE = 'anticipate'
+
+
+def _call_name(node: ast.Call) -> str:
+    func = node.func
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else ''
+
+
+def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _call_name(n) == name]
+
+
+def _kwargs(call: ast.Call) -> dict[str, ast.expr]:
+    return {k.arg: k.value for k in call.keywords if k.arg}
+
+
+def _literal(node: ast.expr | None) -> Any:
+    assert node is not None
+    return ast.literal_eval(node)
+
+
+@pytest.fixture(scope='module')
+def launch_tree() -> ast.Module:
+    return ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
+
+
+@pytest.fixture(scope='module')
+def node_call(launch_tree: ast.Module) -> ast.Call:
+    calls = _calls(launch_tree, 'Node')
+    assert len(calls) == 1, f'expected one Node action, found {len(calls)}'
+    return calls[0]
+
+
+@pytest.fixture(scope='module')
+def setup_call() -> ast.Call:
+    tree = ast.parse((ROOT / 'setup.py').read_text())
+    calls = _calls(tree, 'setup')
+    assert len(calls) == 1
+    return calls[0]
+
+
+def _data_files(setup_call: ast.Call) -> dict[str, list[str]]:
+    """{destination: [source or glob pattern]}, with f'{PACKAGE}' and glob() resolved."""
+    out: dict[str, list[str]] = {}
+    entries = _kwargs(setup_call)['data_files']
+    assert isinstance(entries, ast.List)
+    for entry in entries.elts:
+        assert isinstance(entry, ast.Tuple) and len(entry.elts) == 2
+        dest = _text(entry.elts[0])
+        sources = entry.elts[1]
+        if isinstance(sources, ast.Call) and _call_name(sources) == 'glob':
+            out.setdefault(dest, []).append(_text(sources.args[0]))
+        else:
+            assert isinstance(sources, ast.List)
+            out.setdefault(dest, []).extend(_text(s) for s in sources.elts)
+    return out
+
+
+def _text(node: ast.expr) -> str:
+    """A string literal or an f-string over PACKAGE."""
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for value in node.values:
+            if isinstance(value, ast.FormattedValue):
+                assert isinstance(value.value, ast.Name) and value.value.id == 'PACKAGE'
+                parts.append(PACKAGE)
+            else:
+                parts.append(_literal(value))
+        return ''.join(parts)
+    return _literal(node)
+
+
+def test_declares_exactly_the_launch_arguments(launch_tree: ast.Module) -> None:
+    names = [_literal(c.args[0]) for c in _calls(launch_tree, 'DeclareLaunchArgument')]
+    assert sorted(names) == sorted(
+        ['image_topic', 'input_transport', 'backend', 'params_file', 'namespace'])
+    used = {_literal(c.args[0]) for c in _calls(launch_tree, 'LaunchConfiguration')}
+    assert used == set(names), 'every declared argument is used, and only those'
+
+
+def test_argument_defaults_are_valid(launch_tree: ast.Module) -> None:
+    defaults = {_literal(c.args[0]): _kwargs(c).get('default_value')
+                for c in _calls(launch_tree, 'DeclareLaunchArgument')}
+    assert _literal(defaults['image_topic']) == '/camera/image_raw'
+    assert _literal(defaults['namespace']) == ''
+    # The same values the config schema accepts, so the launch defaults match the yaml's.
+    config = AnticipateConfig()
+    for name in ('input_transport', 'backend'):
+        value = _literal(defaults[name])
+        assert getattr(config.replace(**{name: value}), name) == value  # ConfigError if invalid
+        assert value == getattr(config, name), f'{name}: launch and yaml defaults differ'
+
+
+def test_default_params_file_is_the_installed_config(launch_tree: ast.Module,
+                                                      setup_call: ast.Call) -> None:
+    default = next(_kwargs(c)['default_value']
+                   for c in _calls(launch_tree, 'DeclareLaunchArgument')
+                   if _literal(c.args[0]) == 'params_file')
+    assert isinstance(default, ast.Name), 'params_file default should be a variable'
+    join = next(n.value for n in ast.walk(launch_tree) if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == default.id for t in n.targets))
+    assert isinstance(join, ast.Call) and _call_name(join) == 'join'
+    share, *rest = join.args
+    assert isinstance(share, ast.Call) and _call_name(share) == 'get_package_share_directory'
+    assert _literal(share.args[0]) == PACKAGE
+    assert [_literal(a) for a in rest] == ['config', 'anticipate.yaml']
+    assert (ROOT / 'config' / 'anticipate.yaml').is_file()
+    assert 'config/*.yaml' in _data_files(setup_call)[f'share/{PACKAGE}/config']
+
+
+def test_node_runs_the_installed_executable(node_call: ast.Call, setup_call: ast.Call) -> None:
+    kwargs = _kwargs(node_call)
+    assert _literal(kwargs['package']) == PACKAGE
+    assert _literal(kwargs['executable']) == EXECUTABLE
+    assert _literal(kwargs['name']) == 'malmm_anticipate'
+    # `ros2 run` / launch_ros look for <prefix>/lib/<package>/<executable>.
+    installed = _data_files(setup_call)[f'lib/{PACKAGE}']
+    wrapper = [s for s in installed if Path(s).name == EXECUTABLE]
+    assert wrapper == [f'scripts/{EXECUTABLE}']
+    path = ROOT / wrapper[0]
+    assert path.stat().st_mode & 0o111, f'{path} must be executable (chmod +x)'
+    text = path.read_text()
+    assert text.startswith('#!/usr/bin/env python3\n')
+    assert 'from malmm_ros.ros.anticipate_node import main' in text
+
+
+def test_console_script_exists(setup_call: ast.Call) -> None:
+    entry_points = _literal(_kwargs(setup_call)['entry_points'])
+    scripts = dict(s.replace(' ', '').split('=') for s in entry_points['console_scripts'])
+    assert scripts['malmm-anticipate'] == 'malmm_ros.ros.anticipate_node:main'
+    assert 'malmm-demo' in scripts
+
+
+def test_parameter_overrides_are_node_parameters(node_call: ast.Call) -> None:
+    params = _kwargs(node_call)['parameters']
+    assert isinstance(params, ast.List) and len(params.elts) == 2
+    first, overrides = params.elts
+    # The file comes first so the explicit arguments override it.
+    assert isinstance(first, ast.Name) and first.id == 'params_file'
+    assert isinstance(overrides, ast.Dict)
+    names = {_literal(k) for k in overrides.keys if k is not None}
+    assert names == {'input_transport', 'backend'}
+    assert names <= set(AnticipateConfig().to_parameters())
+
+
+def test_remaps_the_image_topics(node_call: ast.Call) -> None:
+    kwargs = _kwargs(node_call)
+    remaps = kwargs['remappings']
+    assert isinstance(remaps, ast.List)
+    sources = [_literal(pair.elts[0]) for pair in remaps.elts if isinstance(pair, ast.Tuple)]
+    assert sources == ['image', 'image/compressed'], 'the node subscribes to `image` (relative)'
+    assert isinstance(kwargs['namespace'], ast.Name)
+    assert _literal(kwargs['output']) == 'screen'
+
+
+def test_launch_file_is_installed(setup_call: ast.Call) -> None:
+    assert 'launch/*.launch.py' in _data_files(setup_call)[f'share/{PACKAGE}/launch']
+    assert LAUNCH_FILE.name.endswith('.launch.py')
+
+
+def test_package_xml() -> None:
+    root = ET.parse(ROOT / 'package.xml').getroot()
+    assert root.tag == 'package' and root.get('format') == '3'
+    assert root.findtext('name') == PACKAGE
+    assert root.findtext('export/build_type') == 'ament_python'
+    exec_depends = {e.text for e in root.findall('exec_depend')}
+    assert {'rclpy', 'sensor_msgs', 'std_msgs', 'std_srvs', 'diagnostic_msgs'} <= exec_depends
+    setup_version = _literal(_kwargs(_calls(ast.parse((ROOT / 'setup.py').read_text()),
+                                            'setup')[0])['version'])
+    assert root.findtext('version') == setup_version
