@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 42
 export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
+# Buffers big enough for camera frames over best-effort DDS (see the file's comment).
+export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds.xml
 EPIC_ANNOTATIONS ?= ../shared/epic100
 
 .PHONY: venv demo test lint bench clean

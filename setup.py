@@ -15,6 +15,7 @@ setup(
         (f'share/{PACKAGE}', ['package.xml']),
         (f'share/{PACKAGE}/launch', glob('launch/*.launch.py')),
         (f'share/{PACKAGE}/config', glob('config/*.yaml')),
+        (f'share/{PACKAGE}/config', glob('config/*.xml')),
         # `ros2 run malmm_ros anticipate` looks in lib/<package>; a data file keeps the console
         # scripts below in the venv's bin for `pip install -e .` (no setup.cfg script_dir).
         (f'lib/{PACKAGE}', ['scripts/anticipate']),
@@ -28,7 +29,10 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
-            'malmm-demo = malmm_ros.cli.demo:main',
+            'malmm-demo = malmm_ros.ros.demo:main',
+            'malmm-pipeline-demo = malmm_ros.cli.pipeline_demo:main',
+            'malmm-make-bag = malmm_ros.cli.make_bag:main',
+            'malmm-replay = malmm_ros.ros.replay:main',
             'malmm-anticipate = malmm_ros.ros.anticipate_node:main',
         ],
     },

@@ -6,7 +6,7 @@ the photos, so nothing is downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -30,6 +30,23 @@ def _load(name: str) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
+def _checked(photos: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The caller's photos as HxWx3 uint8 RGB arrays; DataError for anything else."""
+    if len(photos) == 0:
+        raise DataError('panning_frames needs at least one photo')
+    out = []
+    for index, photo in enumerate(photos):
+        photo = np.asarray(photo)
+        if photo.dtype != np.uint8 or photo.ndim not in (2, 3) or photo.size == 0 \
+                or (photo.ndim == 3 and photo.shape[2] < 3):
+            raise DataError(f'photo {index}: expected an HxWx3 or HxW uint8 image, got shape '
+                            f'{photo.shape} dtype {photo.dtype}')
+        if photo.ndim == 2:
+            photo = np.repeat(photo[..., None], 3, axis=2)
+        out.append(np.ascontiguousarray(photo[..., :3]))
+    return out
+
+
 def panning_frames(
     seconds: float,
     fps: float = 30.0,
@@ -38,16 +55,18 @@ def panning_frames(
     scenes: tuple[str, ...] = SCENES,
     seconds_per_scene: float = 4.0,
     start_ns: int = 0,
+    photos: Sequence[np.ndarray] | None = None,
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Yield (HxWx3 uint8 RGB frame, stamp_ns) at `fps` for `seconds`.
 
     Each scene is shown for `seconds_per_scene` while a `size` window pans across it, then the
     next scene follows: a stream whose content changes slowly and then abruptly, as a kitchen
-    camera's would.
+    camera's would. `photos` (HxWx3 or HxW uint8 arrays, e.g. the user's own pictures) replace
+    the scikit-image `scenes` when given.
     """
     if fps <= 0 or seconds < 0:
         raise ValueError(f'need fps > 0 and seconds >= 0, got fps={fps}, seconds={seconds}')
-    photos = [_load(name) for name in scenes]
+    photos = [_load(name) for name in scenes] if photos is None else _checked(photos)
     height, width = size
     count = int(round(seconds * fps))
     for i in range(count):

@@ -69,7 +69,7 @@ def decode_image(encoding: str, width: int, height: int, step: int, is_bigendian
         return cv2.cvtColor(packed, _YUV_CODES[encoding])
     pixels = rows.reshape(height, width, pixel_bytes)
     if encoding == 'rgb8':
-        return np.ascontiguousarray(pixels)
+        return pixels.copy()  # never a view of the message buffer
     if encoding == 'bgr8':
         return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_BGR2RGB)
     if encoding == 'rgba8':
@@ -87,12 +87,44 @@ def decode_compressed(fmt: str, data: bytes | bytearray | memoryview | np.ndarra
         else data.reshape(-1).view(np.uint8)
     if buffer.size == 0:
         raise FrameError('compressed image has no data')
+    size = _header_size(buffer)
+    if size is not None:  # refuse a decompression bomb before allocating it
+        _check_size(size[0], size[1], max_side)
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is None:
         raise FrameError(f'cannot decode {fmt or "compressed"} image of {buffer.size} bytes '
                          '(truncated or corrupt)')
     _check_size(image.shape[1], image.shape[0], max_side)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# JPEG start-of-frame markers (C0-CF except DHT C4, JPG C8 and DAC CC) carry the image size.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _header_size(buffer: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header without decoding, or None if not found."""
+    data = buffer[:65536].tobytes()
+    if data.startswith(_PNG_SIGNATURE) and len(data) >= 24 and data[12:16] == b'IHDR':
+        return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    if not data.startswith(b'\xff\xd8'):
+        return None
+    pos = 2
+    while pos + 9 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], 'big')
+        if marker in _JPEG_SOF:
+            height = int.from_bytes(data[pos + 5:pos + 7], 'big')
+            width = int.from_bytes(data[pos + 7:pos + 9], 'big')
+            return width, height
+        pos += 2 + length
+    return None
 
 
 def encode_bgr8(rgb: np.ndarray) -> tuple[int, int, int, bytes]:

@@ -38,7 +38,10 @@ def _descriptor(name: str, spec: Any, value: Any) -> ParameterDescriptor:
     text = meta.get('doc', '')
     if meta.get('choices'):
         text += f' (one of: {", ".join(meta["choices"])})'
-    descriptor = ParameterDescriptor(description=text, read_only=False)
+    # Float fields take any number: YAML and `-p x:=2` give integers for whole numbers, and
+    # rclpy would refuse an INTEGER for a DOUBLE parameter; the config coerces and checks it.
+    descriptor = ParameterDescriptor(description=text, read_only=False,
+                                     dynamic_typing=isinstance(value, float))
     lo, hi = meta.get('range', (None, None))
     if isinstance(value, bool) or lo is None or hi is None:
         return descriptor

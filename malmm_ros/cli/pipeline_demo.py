@@ -1,4 +1,4 @@
-"""malmm-demo: run the anticipation pipeline on a short stream of real photos.
+"""malmm-pipeline-demo: the anticipation pipeline (no ROS) on a stream of real photos.
 
 Prints each prediction as a top-5 table. Uses config/anticipate.yaml (or --config); with
 --labels-dir pointing at EK-100 annotations the untrained heads at least speak EK-100 names.
@@ -22,7 +22,8 @@ _DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / 'config' / 'anticipate.y
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='malmm-demo', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog='malmm-pipeline-demo',
+                                     description=__doc__.splitlines()[0])
     parser.add_argument('--config', default=str(_DEFAULT_CONFIG),
                         help='parameter file (default: %(default)s)')
     parser.add_argument('--checkpoint', default=None, help='trained checkpoint (.safetensors)')
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                     config.labels, verb_classes=str(labels_dir / VERB_CLASSES_FILE),
                     noun_classes=str(labels_dir / NOUN_CLASSES_FILE)))
         pipeline = AnticipationPipeline(config)
-        print(f'malmm-demo: {pipeline.model_name}, encoder {pipeline.encoder.name}, '
+        print(f'malmm-pipeline-demo: {pipeline.model_name}, encoder {pipeline.encoder.name}, '
               f'M={config.memory_bank_length}, sampling {config.sample_fps} fps of a '
               f'{args.fps} fps stream, trained={pipeline.trained}')
         for image, stamp_ns in panning_frames(args.seconds, args.fps):

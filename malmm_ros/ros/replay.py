@@ -1,0 +1,247 @@
+"""malmm-replay: publish a bag's camera messages over ROS 2 with their original timing.
+
+A small `ros2 bag play` stand-in for camera bags (Image and CompressedImage topics), so the
+anticipation node can be run and tested against a recorded camera without rosbag2 installed.
+Messages go out as the bag's serialized CDR bytes, untouched: header stamps and frame_id are the
+recorded ones. Gaps between messages are the bag's log-time gaps divided by --rate, scheduled
+against a monotonic clock so that publishing delays do not accumulate.
+
+--topic T replaces the bag's topic exactly (for a compressed bag give the full name, e.g.
+/cam/image_raw/compressed); it needs a bag with a single image topic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from rclpy.duration import Duration
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.publisher import Publisher
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.utilities import remove_ros_args
+from tqdm import tqdm
+
+from malmm_ros.data.bags import bag_info, image_topics, iter_bag_messages
+from malmm_ros.errors import DataError, MalmmError
+
+__all__ = ['NODE_NAME', 'WAIT_SUBSCRIBERS_TIMEOUT_S', 'ReplayStats', 'main', 'replay']
+
+_LOG = logging.getLogger(__name__)
+
+NODE_NAME = 'malmm_replay'
+WAIT_SUBSCRIBERS_TIMEOUT_S = 30.0
+_POLL_S = 0.05  # longest sleep between shutdown checks
+_ACK_TIMEOUT_S = 5.0
+
+# Reliable publishers match both reliable and best-effort subscriptions (a best-effort
+# publisher would not match a reliable one); depth 10 keeps a slow subscriber from making us
+# hold an unbounded backlog.
+_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                  reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+
+
+@dataclass
+class ReplayStats:
+    """What a replay did: messages published, completed passes over the bag, wall seconds."""
+
+    published: int = 0
+    loops: int = 0
+    wall_s: float = 0.0
+    interrupted: bool = False
+
+
+def _sleep_until(deadline: float, ok: Callable[[], bool]) -> bool:
+    """Sleep until monotonic time `deadline` in short steps; False as soon as `ok()` is False."""
+    while True:
+        if not ok():
+            return False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return True
+        time.sleep(min(remaining, _POLL_S))
+
+
+def _message_class(msgtype: str) -> type:
+    package, _, name = msgtype.split('/')
+    return getattr(importlib.import_module(f'{package}.msg'), name)
+
+
+def replay(bag: str | Path, publishers: dict[str, Publisher], *, rate: float = 1.0,
+           loop: bool = False, ok: Callable[[], bool] = lambda: True,
+           stats: ReplayStats | None = None, progress_total: int | None = None) -> ReplayStats:
+    """Publish the messages of the bag topics in `publishers` (bag topic -> publisher).
+
+    Message i goes out at start + (log_i - log_0) / rate on the monotonic clock. With `loop`
+    the bag repeats forever, each pass one mean frame interval after the previous one's last
+    message (stamps repeat: subscribers see time jump back). Stops early when `ok()` is False.
+    """
+    if not rate > 0:
+        raise DataError(f'--rate must be > 0, got {rate}')
+    stats = stats if stats is not None else ReplayStats()
+    start = time.monotonic()
+    offset_ns = 0  # bag time of the current pass's first message, relative to the first pass
+    bar = tqdm(total=progress_total, desc='replay', unit='msg', file=sys.stderr)
+    try:
+        while True:
+            first = last = None
+            count = 0
+            for message in iter_bag_messages(bag, publishers):
+                if first is None:
+                    first = message.log_time_ns
+                last = message.log_time_ns
+                due = start + (offset_ns + message.log_time_ns - first) / rate / 1e9
+                if not _sleep_until(due, ok):
+                    stats.interrupted = True
+                    return stats
+                try:
+                    publishers[message.topic].publish(message.rawdata)
+                except Exception:
+                    if not ok():  # the context shut down (signal) between check and publish
+                        stats.interrupted = True
+                        return stats
+                    raise
+                stats.published += 1
+                count += 1
+                bar.update()
+            stats.loops += 1
+            if not loop or first is None or last is None:
+                return stats
+            gap_ns = (last - first) // (count - 1) if count > 1 else 1_000_000_000
+            offset_ns += last - first + gap_ns
+    finally:
+        bar.close()
+        stats.wall_s = time.monotonic() - start
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='malmm-replay', description=__doc__.splitlines()[0])
+    parser.add_argument('bag', metavar='BAG', help='rosbag2 directory (or .db3/.mcap file)')
+    parser.add_argument('--rate', type=float, default=1.0,
+                        help='playback speed factor (default 1.0)')
+    parser.add_argument('--loop', action='store_true', help='replay the bag forever')
+    parser.add_argument('--topic', default=None,
+                        help='publish on this topic instead of the bag\'s (exact name)')
+    parser.add_argument('--wait-subscribers', type=int, default=0, metavar='N',
+                        help=f'wait (up to {WAIT_SUBSCRIBERS_TIMEOUT_S:.0f} s) for N matched '
+                             'subscribers before starting')
+    parser.add_argument('--start-delay', type=float, default=0.0, metavar='S',
+                        help='seconds to wait before the first message')
+    return parser.parse_args(argv)
+
+
+def _plan(args: argparse.Namespace) -> tuple[dict[str, tuple[str, str]], int]:
+    """Check the arguments and the bag before touching ROS: bag topic -> (out topic, msgtype),
+    and messages per pass."""
+    if not args.rate > 0:
+        raise DataError(f'--rate must be > 0, got {args.rate}')
+    if args.wait_subscribers < 0 or not args.start_delay >= 0:
+        raise DataError('--wait-subscribers and --start-delay must not be negative')
+    topics = image_topics(args.bag)
+    if not topics:
+        info = bag_info(args.bag)
+        raise DataError(f'{args.bag} holds no Image or CompressedImage topic; it has '
+                        f'{sorted(info["topics"])}')
+    if args.topic is not None:
+        if len(topics) > 1:
+            raise DataError(f'--topic needs a bag with one image topic; {args.bag} has '
+                            f'{sorted(topics)}')
+        if not args.topic.startswith('/'):
+            raise DataError(f'--topic must be an absolute name such as /camera/image_raw, '
+                            f'got {args.topic!r}')
+    plan = {t: (args.topic or t, m) for t, m in topics.items()}
+    counts = bag_info(args.bag)['topics']
+    return plan, sum(counts[t]['count'] for t in plan)
+
+
+def _wait_for_subscribers(publishers: dict[str, Publisher], wanted: int,
+                          ok: Callable[[], bool]) -> bool:
+    """Wait until every publisher has `wanted` matched subscriptions; False when interrupted."""
+    deadline = time.monotonic() + WAIT_SUBSCRIBERS_TIMEOUT_S
+    while True:
+        if not ok():  # checked first: counting on a shut-down context raises
+            return False
+        matched = min(p.get_subscription_count() for p in publishers.values())
+        if matched >= wanted:
+            return True
+        if time.monotonic() >= deadline:
+            names = ', '.join(p.topic_name for p in publishers.values())
+            raise MalmmError(f'only {matched} of {wanted} subscriber(s) matched on {names} '
+                             f'within {WAIT_SUBSCRIBERS_TIMEOUT_S:.0f} s')
+        time.sleep(_POLL_S)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args: argparse.Namespace, ros_argv: list[str]) -> int:
+    plan, per_pass = _plan(args)
+    stats = ReplayStats()
+    rclpy.init(args=ros_argv)
+    node = None
+    try:
+        node = Node(NODE_NAME)
+        publishers = {bag_topic: node.create_publisher(_message_class(msgtype), out_topic, _QOS)
+                      for bag_topic, (out_topic, msgtype) in plan.items()}
+        for bag_topic, (out_topic, msgtype) in plan.items():
+            _LOG.info('%s (%s) -> %s', bag_topic, msgtype, out_topic)
+        go = args.wait_subscribers == 0 or _wait_for_subscribers(
+            publishers, args.wait_subscribers, rclpy.ok)
+        if go and args.start_delay > 0:
+            go = _sleep_until(time.monotonic() + args.start_delay, rclpy.ok)
+        if go:
+            replay(args.bag, publishers, rate=args.rate, loop=args.loop, ok=rclpy.ok,
+                   stats=stats, progress_total=None if args.loop else per_pass)
+            if not stats.interrupted and rclpy.ok():
+                for publisher in publishers.values():  # let reliable subscribers catch up
+                    publisher.wait_for_all_acked(Duration(seconds=_ACK_TIMEOUT_S))
+        else:
+            stats.interrupted = True
+    except (KeyboardInterrupt, ExternalShutdownException):
+        stats.interrupted = True
+    except MalmmError:
+        raise
+    except Exception:
+        if rclpy.ok():
+            raise
+        # A signal shut the context down between our ok() check and an rcl call.
+        stats.interrupted = True
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    print(f'malmm-replay: published {stats.published} messages in {stats.wall_s:.2f} s'
+          f'{" (interrupted)" if stats.interrupted else ""}', flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Until rclpy.init installs its own handlers, SIGTERM ends the program like Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    ros_argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    try:
+        args = _parse(remove_ros_args(ros_argv)[1:])
+        logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
+        return _run(args, ros_argv)
+    except MalmmError as exc:
+        print(f'ERROR: {exc}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""sensor_msgs/Image and CompressedImage payloads <-> numpy RGB (malmm_ros.ros.image_codec).
+
+Every payload is packed by hand here with numpy (the layouts of REP 118 / sensor_msgs), so a
+decoder that mixes up channel order, endianness, row padding or the YUV byte order fails.
+"""
+
+from __future__ import annotations
+
+import array
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from malmm_ros.errors import FrameError
+from malmm_ros.ros.image_codec import decode_compressed, decode_image, encode_bgr8
+
+REPO = Path(__file__).resolve().parents[2]
+HEIGHT, WIDTH = 6, 10
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _random_rgb(height: int = HEIGHT, width: int = WIDTH, seed: int = 0) -> np.ndarray:
+    return _rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _serialize(rows: np.ndarray, pad: int, seed: int = 99) -> tuple[int, bytes]:
+    """(step, data) of `rows` (height x row_bytes uint8) with `pad` garbage bytes per row."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    garbage = _rng(seed).integers(0, 256, (rows.shape[0], pad), dtype=np.uint8)
+    padded = np.concatenate([rows, garbage], axis=1)
+    return padded.shape[1], padded.tobytes()
+
+
+# -- hand packing --------------------------------------------------------------------------
+
+
+def _pack_channels(rgb: np.ndarray, order: str, alpha_seed: int = 5) -> np.ndarray:
+    """rgb -> height x (width*len(order)) bytes in channel `order` ('bgra', 'rgb', ...)."""
+    height, width = rgb.shape[:2]
+    alpha = _rng(alpha_seed).integers(0, 256, (height, width), dtype=np.uint8)
+    planes = {'r': rgb[..., 0], 'g': rgb[..., 1], 'b': rgb[..., 2], 'a': alpha}
+    return np.stack([planes[c] for c in order], axis=-1).reshape(height, -1)
+
+
+def _bt601_yuv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Studio-swing BT.601 (Y 16..235, U/V 16..240), the classic integer approximation."""
+    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    u = ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128
+    v = ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128
+    return y, u, v
+
+
+def _pack_yuv422(rgb: np.ndarray, layout: str) -> np.ndarray:
+    """4:2:2 with U/V averaged over each horizontal pixel pair; UYVY or YUYV byte order."""
+    y, u, v = _bt601_yuv(rgb)
+    u_pair = (u[:, 0::2] + u[:, 1::2] + 1) // 2
+    v_pair = (v[:, 0::2] + v[:, 1::2] + 1) // 2
+    y0, y1 = y[:, 0::2], y[:, 1::2]
+    if layout == 'uyvy':
+        quads = [u_pair, y0, v_pair, y1]
+    elif layout == 'yuyv':
+        quads = [y0, u_pair, y1, v_pair]
+    else:
+        raise AssertionError(layout)
+    return np.stack(quads, axis=-1).reshape(rgb.shape[0], -1).astype(np.uint8)
+
+
+def _smooth_pairs(height: int = HEIGHT, width: int = WIDTH, seed: int = 3) -> np.ndarray:
+    """Random colours, constant over each horizontal 2-pixel block (exact under 4:2:2)."""
+    blocks = _rng(seed).integers(0, 256, (height, width // 2, 3), dtype=np.uint8)
+    return np.repeat(blocks, 2, axis=1)
+
+
+PACKED_RGB = {  # encoding -> channel order of its bytes
+    'rgb8': 'rgb', 'bgr8': 'bgr', 'rgba8': 'rgba', 'bgra8': 'bgra',
+}
+YUV_LAYOUTS = {'yuv422': 'uyvy', 'uyvy': 'uyvy', 'yuv422_yuy2': 'yuyv', 'yuyv': 'yuyv'}
+
+
+# -- raw decoding --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('pad', [0, 5], ids=['unpadded', 'padded'])
+@pytest.mark.parametrize('encoding', sorted(PACKED_RGB))
+def test_colour_encodings_decode_exactly(encoding: str, pad: int) -> None:
+    rgb = _random_rgb()
+    step, data = _serialize(_pack_channels(rgb, PACKED_RGB[encoding]), pad)
+    out = decode_image(encoding, WIDTH, HEIGHT, step, False, data)
+    assert out.shape == (HEIGHT, WIDTH, 3)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, rgb)
+
+
+@pytest.mark.parametrize('encoding', sorted(PACKED_RGB))
+def test_is_bigendian_does_not_matter_for_8_bit_channels(encoding: str) -> None:
+    rgb = _random_rgb(seed=4)
+    step, data = _serialize(_pack_channels(rgb, PACKED_RGB[encoding]), 0)
+    np.testing.assert_array_equal(decode_image(encoding, WIDTH, HEIGHT, step, True, data), rgb)
+
+
+def test_rgb_and_bgr_of_the_same_bytes_are_channel_swapped() -> None:
+    rgb = _random_rgb(seed=8)
+    step, data = _serialize(_pack_channels(rgb, 'rgb'), 0)
+    as_bgr = decode_image('bgr8', WIDTH, HEIGHT, step, False, data)
+    np.testing.assert_array_equal(as_bgr, rgb[..., ::-1])
+
+
+@pytest.mark.parametrize('pad', [0, 3], ids=['unpadded', 'padded'])
+def test_mono8_decodes_to_equal_rgb_channels(pad: int) -> None:
+    gray = _rng(1).integers(0, 256, (HEIGHT, WIDTH), dtype=np.uint8)
+    step, data = _serialize(gray, pad)
+    out = decode_image('mono8', WIDTH, HEIGHT, step, False, data)
+    np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize('pad', [0, 6], ids=['unpadded', 'padded'])
+@pytest.mark.parametrize('bigendian', [False, True], ids=['little', 'big'])
+def test_mono16_scales_full_range_to_8_bits(bigendian: bool, pad: int) -> None:
+    values = _rng(2).integers(0, 65536, (HEIGHT, WIDTH), dtype=np.uint64)
+    values[0, :4] = [0, 65535, 128, 32896]  # ends of the range and rounding neighbours
+    raw = values.astype('>u2' if bigendian else '<u2').view(np.uint8).reshape(HEIGHT, -1)
+    step, data = _serialize(raw, pad)
+    out = decode_image('mono16', WIDTH, HEIGHT, step, bigendian, data)
+    expected = np.array([[round(int(v) * 255 / 65535) for v in row] for row in values])
+    np.testing.assert_array_equal(out, np.repeat(expected[..., None], 3, axis=2))
+
+
+def test_mono16_scaling_is_rounded_for_every_value() -> None:
+    width = 256
+    values = np.arange(65536, dtype=np.uint32).reshape(-1, width)
+    data = values.astype('<u2').tobytes()
+    out = decode_image('mono16', width, values.shape[0], width * 2, False, data)
+    expected = np.array([round(v * 255 / 65535) for v in range(65536)]).reshape(values.shape)
+    np.testing.assert_array_equal(out[..., 0], expected)
+
+
+def test_mono16_endianness_is_honoured() -> None:
+    values = np.full((2, 4), 0x00FF, dtype=np.uint16)  # 255 -> 1; read swapped it is 65280
+    data = values.astype('<u2').tobytes()
+    little = decode_image('mono16', 4, 2, 8, False, data)
+    big = decode_image('mono16', 4, 2, 8, True, data)
+    assert (little == 1).all()
+    assert (big == round(0xFF00 * 255 / 65535)).all()
+
+
+@pytest.mark.parametrize('pad', [0, 4], ids=['unpadded', 'padded'])
+@pytest.mark.parametrize('encoding', sorted(YUV_LAYOUTS))
+def test_yuv422_decodes_close_to_the_source(encoding: str, pad: int) -> None:
+    rgb = _smooth_pairs()
+    step, data = _serialize(_pack_yuv422(rgb, YUV_LAYOUTS[encoding]), pad)
+    out = decode_image(encoding, WIDTH, HEIGHT, step, False, data)
+    error = np.abs(out.astype(np.int32) - rgb.astype(np.int32))
+    assert out.shape == (HEIGHT, WIDTH, 3)
+    assert error.max() <= 12, error.max()
+    assert error.mean() <= 3.0, error.mean()
+
+
+@pytest.mark.parametrize('encoding', sorted(YUV_LAYOUTS))
+def test_yuv422_with_the_other_byte_order_is_clearly_wrong(encoding: str) -> None:
+    rgb = _smooth_pairs(seed=11)
+    other = 'yuyv' if YUV_LAYOUTS[encoding] == 'uyvy' else 'uyvy'
+    step, data = _serialize(_pack_yuv422(rgb, other), 0)
+    out = decode_image(encoding, WIDTH, HEIGHT, step, False, data)
+    error = np.abs(out.astype(np.int32) - rgb.astype(np.int32))
+    assert error.mean() > 30, error.mean()
+
+
+def test_yuv422_averages_chroma_over_pixel_pairs() -> None:
+    """Unequal pairs: luma stays per pixel, so brightness edges inside a pair survive."""
+    gray = np.zeros((2, 4, 3), dtype=np.uint8)
+    gray[:, 0::2] = 40
+    gray[:, 1::2] = 220
+    step, data = _serialize(_pack_yuv422(gray, 'uyvy'), 0)
+    out = decode_image('uyvy', 4, 2, step, False, data).astype(np.int32)
+    assert np.abs(out - gray).max() <= 4
+
+
+# -- payload types -------------------------------------------------------------------------
+
+PAYLOADS: dict[str, Callable[[bytes, int], object]] = {
+    'bytes': lambda data, step: bytes(data),
+    'bytearray': lambda data, step: bytearray(data),
+    'memoryview': lambda data, step: memoryview(data),
+    'array.array': lambda data, step: array.array('B', data),
+    'ndarray': lambda data, step: np.frombuffer(data, dtype=np.uint8).copy(),
+    'ndarray_2d': lambda data, step: np.frombuffer(data, dtype=np.uint8).reshape(-1, step),
+    'ndarray_strided': lambda data, step: np.repeat(np.frombuffer(data, np.uint8), 2)[::2],
+}
+
+
+@pytest.mark.parametrize('payload', sorted(PAYLOADS))
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgra8', 'mono8', 'uyvy'])
+def test_every_payload_type_decodes_the_same(encoding: str, payload: str) -> None:
+    rgb = _smooth_pairs(seed=21)
+    if encoding == 'uyvy':
+        rows = _pack_yuv422(rgb, 'uyvy')
+    elif encoding == 'mono8':
+        rows = rgb[..., 1]
+    else:
+        rows = _pack_channels(rgb, PACKED_RGB[encoding])
+    step, data = _serialize(rows, 2)
+    reference = decode_image(encoding, WIDTH, HEIGHT, step, False, data)
+    out = decode_image(encoding, WIDTH, HEIGHT, step, False, PAYLOADS[payload](data, step))
+    np.testing.assert_array_equal(out, reference)
+
+
+def test_mono16_from_a_uint16_array_payload() -> None:
+    values = _rng(6).integers(0, 65536, (HEIGHT, WIDTH)).astype('<u2')
+    out = decode_image('mono16', WIDTH, HEIGHT, WIDTH * 2, False, values)
+    expected = np.rint(values.astype(np.float64) * 255 / 65535)
+    np.testing.assert_array_equal(out[..., 2], expected)
+
+
+# Regression: rgb8 without row padding must be decoded into a new array, never a view of
+# the message buffer (read-only for bytes, aliasing for bytearray/ndarray).
+@pytest.mark.parametrize('payload', ['bytes', 'bytearray', 'ndarray'])
+def test_rgb8_result_is_a_new_writable_array(payload: str) -> None:
+    rgb = _random_rgb(seed=7)
+    step, data = _serialize(_pack_channels(rgb, 'rgb'), 0)
+    source = PAYLOADS[payload](data, step)
+    out = decode_image('rgb8', WIDTH, HEIGHT, step, False, source)
+    shared = np.shares_memory(out, np.frombuffer(source, dtype=np.uint8))
+    assert (out.flags.writeable, shared) == (True, False), 'rgb8 frame is a view of the input'
+
+
+@pytest.mark.parametrize('encoding', ['bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16', 'yuyv'])
+def test_other_encodings_return_a_new_writable_array(encoding: str) -> None:
+    bpp = {'bgr8': 3, 'rgba8': 4, 'bgra8': 4, 'mono8': 1, 'mono16': 2, 'yuyv': 2}[encoding]
+    source = bytearray(_rng(9).integers(0, 256, HEIGHT * WIDTH * bpp, dtype=np.uint8))
+    out = decode_image(encoding, WIDTH, HEIGHT, WIDTH * bpp, False, source)
+    assert out.flags.writeable
+    assert not np.shares_memory(out, np.frombuffer(source, dtype=np.uint8))
+
+
+# -- raw errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(('args', 'message'), [
+    (('rgb16', 4, 2, 24, False, bytes(48)), r"unsupported encoding 'rgb16'"),
+    (('RGB8', 4, 2, 12, False, bytes(24)), r"unsupported encoding 'RGB8'"),
+    (('rgb8', 0, 2, 0, False, b''), r'image is 0x2: nothing to decode'),
+    (('rgb8', 4, 0, 12, False, b''), r'image is 4x0: nothing to decode'),
+    (('rgb8', 4, 2, 11, False, bytes(24)), r'step 11 is smaller than width\*3 = 12 for rgb8'),
+    (('mono16', 4, 2, 7, False, bytes(16)), r'step 7 is smaller than width\*2 = 8'),
+    (('bgra8', 4, 2, 16, False, bytes(31)), r'data has 31 bytes, expected step\*height = '
+                                            r'16\*2 = 32'),
+    (('mono8', 4, 2, 6, False, bytes(8)), r'data has 8 bytes, expected .* = 12'),
+    (('rgb8', 4, 2, 12, False, b''), r'data has 0 bytes'),
+    (('mono8', 4, 2, 4, False, bytearray()), r'data has 0 bytes'),
+    (('uyvy', 5, 2, 10, False, bytes(20)), r'uyvy needs an even width, got 5'),
+    (('yuv422_yuy2', 3, 2, 6, False, bytes(12)), r'yuv422_yuy2 needs an even width, got 3'),
+])
+def test_bad_headers_raise_frame_error(args: tuple, message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        decode_image(*args)
+
+
+@pytest.mark.parametrize(('width', 'height'), [(7680, 4320), (4320, 7680), (4097, 1)])
+def test_oversized_header_is_refused_before_the_data_is_checked(width: int, height: int
+                                                                ) -> None:
+    with pytest.raises(FrameError, match=rf'image is {width}x{height}, larger than '
+                                         r'max_image_side=4096'):
+        decode_image('rgb8', width, height, width * 3, False, b'')
+
+
+def test_max_side_is_inclusive_and_configurable() -> None:
+    rgb = _random_rgb(32, 64, seed=12)
+    data = rgb.tobytes()
+    np.testing.assert_array_equal(decode_image('rgb8', 64, 32, 192, False, data, max_side=64),
+                                  rgb)
+    with pytest.raises(FrameError, match=r'image is 64x32, larger than max_image_side=63'):
+        decode_image('rgb8', 64, 32, 192, False, data, max_side=63)
+
+
+def test_frame_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match='unsupported encoding'):
+        decode_image('nv12', 4, 4, 4, False, bytes(24))
+
+
+def test_trailing_bytes_after_the_last_row_are_ignored() -> None:
+    rgb = _random_rgb(seed=13)
+    data = rgb[..., ::-1].tobytes() + b'\x01\x02\x03'
+    np.testing.assert_array_equal(decode_image('bgr8', WIDTH, HEIGHT, WIDTH * 3, False, data),
+                                  rgb)
+
+
+# -- compressed ----------------------------------------------------------------------------
+
+
+def _gradient(height: int = 48, width: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width]
+    return np.stack([xx * 4, yy * 5, (xx + yy) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+
+
+def _encode(rgb: np.ndarray, ext: str, *params: int) -> bytes:
+    ok, buffer = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]), list(params))
+    assert ok
+    return buffer.tobytes()
+
+
+@pytest.mark.parametrize('fmt', ['jpeg', 'jpg', 'JPEG', 'rgb8; jpeg compressed bgr8', ''])
+def test_jpeg_decodes_close_to_the_original(fmt: str) -> None:
+    rgb = _gradient()
+    out = decode_compressed(fmt, _encode(rgb, '.jpg', cv2.IMWRITE_JPEG_QUALITY, 95))
+    error = np.abs(out.astype(np.int32) - rgb.astype(np.int32))
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert error.mean() < 2.0, error.mean()
+    assert error.max() <= 16, error.max()
+    # channel order: the swapped image is far away
+    assert np.abs(out[..., ::-1].astype(np.int32) - rgb).mean() > 10
+
+
+@pytest.mark.parametrize('fmt', ['png', 'PNG', 'bgr8; png compressed bgr8', ''])
+def test_png_decodes_exactly(fmt: str) -> None:
+    rgb = _random_rgb(37, 53, seed=14)
+    np.testing.assert_array_equal(decode_compressed(fmt, _encode(rgb, '.png')), rgb)
+
+
+def test_png_gray_and_rgba_become_rgb() -> None:
+    gray = _rng(15).integers(0, 256, (9, 7), dtype=np.uint8)
+    ok, encoded = cv2.imencode('.png', gray)
+    assert ok
+    np.testing.assert_array_equal(decode_compressed('png', encoded.tobytes()),
+                                  np.repeat(gray[..., None], 3, axis=2))
+    rgb = _random_rgb(9, 7, seed=16)
+    bgra = np.concatenate([rgb[..., ::-1], np.full((9, 7, 1), 128, np.uint8)], axis=2)
+    ok, encoded = cv2.imencode('.png', bgra)
+    assert ok
+    np.testing.assert_array_equal(decode_compressed('png', encoded.tobytes()), rgb)
+
+
+@pytest.mark.parametrize('payload', sorted(PAYLOADS))
+def test_compressed_payload_types(payload: str) -> None:
+    rgb = _random_rgb(8, 8, seed=17)
+    data = _encode(rgb, '.png')
+    source = PAYLOADS[payload](data, 1)
+    np.testing.assert_array_equal(decode_compressed('png', source), rgb)
+
+
+@pytest.mark.parametrize('ext', ['.jpg', '.png'])
+def test_truncated_image_raises(ext: str) -> None:
+    """OpenCV (5.x here) refuses a half file; nothing half-decoded may come back."""
+    data = _encode(_gradient(), ext)
+    half = data[:len(data) // 2]
+    with pytest.raises(FrameError, match=rf'cannot decode .* image of {len(half)} bytes '
+                                         r'\(truncated or corrupt\)'):
+        decode_compressed(ext[1:], half)
+
+
+@pytest.mark.parametrize('fmt', ['jpeg', 'png'])
+def test_random_bytes_raise(fmt: str) -> None:
+    with pytest.raises(FrameError, match=rf'cannot decode {fmt} image of 4000 bytes'):
+        decode_compressed(fmt, _rng(18).bytes(4000))
+
+
+@pytest.mark.parametrize('empty', [b'', bytearray(), memoryview(b''), np.zeros(0, np.uint8),
+                                   array.array('B')], ids=lambda e: type(e).__name__)
+def test_empty_compressed_raises(empty: object) -> None:
+    with pytest.raises(FrameError, match='compressed image has no data'):
+        decode_compressed('jpeg', empty)
+
+
+@pytest.mark.parametrize('fmt', ['bmp', 'tiff', 'rgb8; webp compressed'])
+def test_unsupported_compressed_format_raises(fmt: str) -> None:
+    valid_png = _encode(_random_rgb(4, 4), '.png')
+    with pytest.raises(FrameError, match=rf"unsupported compressed format '{fmt}'"):
+        decode_compressed(fmt, valid_png)
+
+
+def test_compressed_image_larger_than_max_side_raises() -> None:
+    data = _encode(np.zeros((10, 5000, 3), np.uint8), '.png')
+    with pytest.raises(FrameError, match=r'image is 5000x10, larger than max_image_side=4096'):
+        decode_compressed('png', data)
+    assert decode_compressed('png', data, max_side=5000).shape == (10, 5000, 3)
+    small = _encode(_random_rgb(20, 30), '.jpg')
+    with pytest.raises(FrameError, match=r'image is 30x20, larger than max_image_side=29'):
+        decode_compressed('jpeg', small, max_side=29)
+
+
+# -- encode --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(('height', 'width'), [(1, 1), (HEIGHT, WIDTH), (31, 17)])
+def test_encode_bgr8_round_trip(height: int, width: int) -> None:
+    rgb = _random_rgb(height, width, seed=19)
+    out_width, out_height, step, data = encode_bgr8(rgb)
+    assert (out_width, out_height, step) == (width, height, width * 3)
+    assert isinstance(data, bytes) and len(data) == step * height
+    assert data[:3] == bytes(rgb[0, 0, ::-1])  # blue, green, red
+    np.testing.assert_array_equal(decode_image('bgr8', out_width, out_height, step, False, data),
+                                  rgb)
+
+
+def test_encode_bgr8_of_a_non_contiguous_view() -> None:
+    rgb = _random_rgb(12, 20, seed=20)[:, ::2]
+    width, height, step, data = encode_bgr8(rgb)
+    np.testing.assert_array_equal(decode_image('bgr8', width, height, step, False, data), rgb)
+
+
+# -- no ROS --------------------------------------------------------------------------------
+
+
+def test_module_imports_no_ros() -> None:
+    code = (
+        'import sys\n'
+        'import malmm_ros.ros.image_codec\n'
+        "roots = {'rclpy', 'rosidl_runtime_py', 'sensor_msgs', 'std_msgs', 'cv_bridge'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in roots))\n"
+    )
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '[]'

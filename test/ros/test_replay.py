@@ -1,0 +1,201 @@
+"""malmm-replay over real DDS: a replay process and a collecting subscriber process.
+
+Both run as separate processes with their own ROS_DOMAIN_ID (localhost discovery only), so
+this test process never initialises rclpy. The subscriber (helpers/collect.py) writes what it
+received as JSON; the test compares it with the bag read back by rosbags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from malmm_ros.data.bags import image_topics, read_camera_frames, write_camera_bag
+from malmm_ros.data.sample_stream import panning_frames
+
+REPLAY = Path(sys.executable).with_name('malmm-replay')
+COLLECT = Path(__file__).resolve().parent / 'helpers' / 'collect.py'
+START_NS = 1_700_000_000_250_000_000
+WAIT_S = 40  # generous upper bound for any process; none should get near it
+
+_DOMAIN_BASE = 150  # this file's ids: 150..199, distinct per test and per xdist worker
+_counter = itertools.count()
+
+
+def _domain_id() -> int:
+    worker = re.sub(r'\D', '', os.environ.get('PYTEST_XDIST_WORKER', '')) or '0'
+    return _DOMAIN_BASE + (int(worker) * 7 + next(_counter)) % 50
+
+
+@pytest.fixture
+def ros_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env['ROS_DOMAIN_ID'] = str(_domain_id())
+    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    env['PYTHONUNBUFFERED'] = '1'
+    return env
+
+
+class _Procs:
+    """Processes started by a test: stdout/stderr go to files; all are killed at the end."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env, self.procs = folder, env, []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.folder / f'{name}.out', 'wb') as out, \
+                open(self.folder / f'{name}.err', 'wb') as err:
+            proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=err)
+        self.procs.append(proc)
+        return proc
+
+    def output(self, name: str) -> tuple[str, str]:
+        return tuple((self.folder / f'{name}.{kind}').read_text(errors='replace')
+                     for kind in ('out', 'err'))
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def procs(tmp_path: Path, ros_env: dict[str, str]) -> Iterator[_Procs]:
+    started = _Procs(tmp_path, ros_env)
+    try:
+        yield started
+    finally:
+        started.kill_all()
+
+
+def _bag(tmp_path: Path, topic: str, *, compressed: bool = False, storage: str = 'sqlite3'
+         ) -> Path:
+    path = tmp_path / 'bag'
+    frames = panning_frames(2.0, 10.0, size=(64, 80), start_ns=START_NS)
+    write_camera_bag(path, frames, topic=topic, compressed=compressed, storage=storage,
+                     frame_id='replay_cam')
+    return path
+
+
+def _expected(bag: Path) -> list[dict[str, object]]:
+    return [{'stamp_ns': f.stamp_ns, 'frame_id': f.frame_id, 'height': f.image.shape[0],
+             'width': f.image.shape[1], 'sha256': hashlib.sha256(f.image.tobytes()).hexdigest()}
+            for f in read_camera_frames(bag)]
+
+
+def _bag_topic(bag: Path) -> str:
+    (topic,) = image_topics(bag)
+    return topic
+
+
+def _unique_topic(tag: str) -> str:
+    return f'/replay_test_{os.getpid()}_{next(_counter)}/{tag}'
+
+
+def _collect(procs: _Procs, topic: str, count: int, out: Path, *, compressed: bool = False,
+             best_effort: bool = False, timeout: float = 25.0) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, str(COLLECT), '--topic', topic, '--count', str(count),
+            '--out', str(out), '--timeout', str(timeout),
+            '--type', 'compressed' if compressed else 'raw']
+    return procs.start('collect', argv + (['--best-effort'] if best_effort else []))
+
+
+def _replay(procs: _Procs, bag: Path, *args: str) -> subprocess.Popen[bytes]:
+    assert REPLAY.exists(), f'{REPLAY} missing: pip install -e . first'
+    return procs.start('replay', [str(REPLAY), str(bag), *args])
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> int:
+    return proc.wait(timeout=WAIT_S)
+
+
+@pytest.mark.parametrize(('storage', 'compressed', 'rate'),
+                         [('sqlite3', False, '1.0'), ('mcap', True, '4.0')],
+                         ids=['raw-sqlite3-rate1', 'compressed-mcap-rate4'])
+def test_every_message_arrives_in_order(tmp_path: Path, procs: _Procs, storage: str,
+                                        compressed: bool, rate: str) -> None:
+    base = _unique_topic('image_raw')
+    bag = _bag(tmp_path, base, compressed=compressed, storage=storage)
+    topic = base + '/compressed' if compressed else base
+    expected = _expected(bag)
+    assert len(expected) == 20
+
+    collector = _collect(procs, topic, len(expected), tmp_path / 'got.json',
+                         compressed=compressed)
+    replay = _replay(procs, bag, '--wait-subscribers', '1', '--rate', rate)
+    assert _finish(replay) == 0, procs.output('replay')
+    assert _finish(collector) == 0, procs.output('collect')
+
+    got = json.loads((tmp_path / 'got.json').read_text())
+    assert not got['timed_out'], f'{len(got["messages"])} of {len(expected)} arrived'
+    assert got['messages'] == expected  # same order, stamps, frame_id and decoded pixels
+    stdout, stderr = procs.output('replay')
+    assert 'published 20 messages' in stdout
+    assert 'Traceback' not in stderr
+
+
+def test_topic_is_renamed(tmp_path: Path, procs: _Procs) -> None:
+    bag = _bag(tmp_path, _unique_topic('image_raw'))
+    renamed = _unique_topic('renamed')
+    collector = _collect(procs, renamed, 20, tmp_path / 'got.json')
+    replay = _replay(procs, bag, '--topic', renamed, '--wait-subscribers', '1',
+                     '--rate', '4')
+    assert _finish(replay) == 0, procs.output('replay')
+    assert _finish(collector) == 0, procs.output('collect')
+    got = json.loads((tmp_path / 'got.json').read_text())
+    assert got['messages'] == _expected(bag)
+
+
+def test_loop_repeats_the_bag(tmp_path: Path, procs: _Procs) -> None:
+    bag = _bag(tmp_path, _unique_topic('image_raw'))
+    expected = [m['stamp_ns'] for m in _expected(bag)]
+    wanted = len(expected) + 8
+    # A best-effort subscriber also matches the replay's reliable publisher.
+    collector = _collect(procs, _bag_topic(bag), wanted, tmp_path / 'got.json',
+                         best_effort=True)
+    replay = _replay(procs, bag, '--loop', '--rate', '4', '--wait-subscribers', '1')
+    assert _finish(collector) == 0, procs.output('collect')
+    assert replay.poll() is None, procs.output('replay')  # still looping
+    replay.send_signal(signal.SIGINT)
+    assert _finish(replay) == 0, procs.output('replay')
+
+    stamps = [m['stamp_ns'] for m in json.loads((tmp_path / 'got.json').read_text())['messages']]
+    assert len(stamps) == wanted > len(expected)
+    jumps = [i for i in range(1, len(stamps)) if stamps[i] < stamps[i - 1]]
+    assert jumps, 'stamps never went back: the bag did not repeat'
+    assert set(stamps) <= set(expected)
+    first_pass = stamps[:jumps[0]]
+    assert first_pass == sorted(set(first_pass))  # in order within a pass
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_signal_gives_clean_exit(tmp_path: Path, procs: _Procs, signum: int) -> None:
+    bag = _bag(tmp_path, _unique_topic('image_raw'))
+    collector = _collect(procs, _bag_topic(bag), 3, tmp_path / 'got.json')
+    replay = _replay(procs, bag, '--loop', '--wait-subscribers', '1')
+    assert _finish(collector) == 0, procs.output('collect')  # so replay is publishing now
+    assert replay.poll() is None, procs.output('replay')
+    replay.send_signal(signum)
+    assert _finish(replay) == 0, procs.output('replay')
+    stdout, stderr = procs.output('replay')
+    assert 'Traceback' not in stderr, stderr
+    assert re.search(r'published \d+ messages .*\(interrupted\)', stdout), stdout
+
+
+def test_bad_bag_is_an_error(tmp_path: Path, procs: _Procs) -> None:
+    replay = _replay(procs, tmp_path / 'no_such_bag')
+    assert _finish(replay) == 1
+    stdout, stderr = procs.output('replay')
+    assert stderr.startswith('ERROR: ') and 'no_such_bag' in stderr, stderr
+    assert 'Traceback' not in stderr
