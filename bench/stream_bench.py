@@ -1,0 +1,481 @@
+"""Streaming benchmark: per-step latency and memory of the MA-LMM pipeline over long streams.
+
+What it measures (edge preset, memory capacity M = 10 and 20, CPU):
+
+- the image encoder: the real torch EfficientNet-Lite0 (pretrained weights), batch 1, after
+  warm-up, on ~100 camera-like frames (moving crops over scikit-image photos, resized with
+  `resize_and_crop`); its cost does not depend on the frame index, so its median is reused;
+- memory + Q-Former (`MalmmModel.step` under `torch.inference_mode`, untrained weights from a
+  fixed seed) and the heads (`MalmmModel.classify` on the same step), driven with the encoder's
+  real tokens cycled over the whole stream, one sampled frame per second of stream time
+  (now_s = frame index); every step is timed and the medians of the 50 steps ending at frames
+  100, 1,000 and 10,000 are reported; total = encoder median + memory median + heads median;
+- RSS (VmRSS of /proc/self/status, after gc.collect()) at frames 100, 1,000 and 10,000;
+- rows: M = 10 cached, M = 20 cached, M = 20 `recompute` (what the public MA-LMM code does:
+  every stored frame's key/value projections are recomputed each step) and the no-compression
+  baseline that keeps every frame (run to --baseline-frames only: its cost grows linearly, the
+  10,000-frame figures are extrapolated from the measured slope);
+- side by side (interleaved steps, so machine noise hits both sides alike): the memory at
+  frame ~100 (a snapshot) against the same stream at frame ~10,000; the whole pipeline in its
+  real order (encoder, step, heads) for edge M = 20; and at blip2 size (12 layers, width 768,
+  cross-attention input 1408), M = 20, cached against recompute once the bank is full.
+
+Targets are printed as met / not met; nothing is asserted. Output: markdown tables on stdout,
+progress bars on stderr. Run from the repository root (about 10-20 minutes on 2 CPU cores):
+
+    .venv/bin/python bench/stream_bench.py            # or: make bench
+    .venv/bin/python bench/stream_bench.py --quick    # smoke run, under a minute or two
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from skimage import data as skdata
+from tqdm import tqdm
+
+from malmm_ros.config import model_preset
+from malmm_ros.data.labels import LabelMaps
+from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.model.malmm import MalmmModel
+from malmm_ros.model.memory import StreamMemory
+from malmm_ros.runtime.torch_encoder import TorchEncoder
+
+SEED = 0
+WINDOW = 50  # steps per latency window (the window ends at the checkpoint frame)
+CHECKPOINTS = (100, 1_000, 10_000)
+PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry',
+          'hubble_deep_field', 'retina')
+
+# Targets from the issue.
+TARGET_TOTAL_OVER_ENCODER = 2.0
+TARGET_DRIFT = 1.05
+TARGET_RSS_GROWTH_MB = 5.0
+TARGET_BLIP2_SPEEDUP = 5.0
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MB (VmRSS), after a full garbage collection."""
+    gc.collect()
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1e3
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return 'n/a' if value is None or not math.isfinite(value) else f'{value:.{digits}f}'
+
+
+def verdict(ok: bool) -> str:
+    return 'met' if ok else '**not met**'
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+    lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def window_median(values: np.ndarray, end_frame: int) -> float:
+    """Median of the WINDOW values ending at 1-based frame `end_frame`."""
+    start = max(0, end_frame - WINDOW)
+    return float(np.median(values[start:end_frame]))
+
+
+def camera_frames(count: int) -> list[np.ndarray]:
+    """`count` 224x224x3 uint8 frames of a camera-like stream.
+
+    A 4:3 window pans and zooms slowly over each scikit-image photo in turn (a camera moving
+    over a scene, then a cut to the next), and every window goes through `resize_and_crop`.
+    """
+    photos = [getattr(skdata, name)() for name in PHOTOS]
+    per_photo = max(1, math.ceil(count / len(photos)))
+    frames = []
+    for index in range(count):
+        photo = photos[(index // per_photo) % len(photos)]
+        progress = (index % per_photo) / max(1, per_photo - 1)  # 0 -> 1 within one shot
+        height, width = photo.shape[:2]
+        zoom = 0.75 - 0.2 * progress  # window height as a fraction of the photo's
+        crop_h = int(height * zoom)
+        crop_w = min(width, int(crop_h * 4 / 3))
+        top = int((height - crop_h) * (0.2 + 0.6 * progress))
+        left = int((width - crop_w) * progress)
+        frames.append(resize_and_crop(photo[top:top + crop_h, left:left + crop_w]))
+    return frames
+
+
+def build_model(preset: str) -> MalmmModel:
+    """An untrained MalmmModel of `preset`, weights from a fixed seed, in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = MalmmModel(model_preset(preset), LabelMaps.placeholder())
+    return model.eval()
+
+
+def timed_step(model: MalmmModel, tokens: torch.Tensor, now_s: float,
+               memory: StreamMemory) -> tuple[float, float]:
+    """One model step and its heads: (step seconds, heads seconds)."""
+    start = time.perf_counter()
+    queries = model.step(tokens, now_s, memory)
+    stepped = time.perf_counter()
+    model.classify(queries)
+    return stepped - start, time.perf_counter() - stepped
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderResult:
+    tokens: list[torch.Tensor]
+    encoder_ms: np.ndarray
+    crop_ms: np.ndarray
+
+
+def bench_encoder(frames: int, warmup: int) -> tuple[TorchEncoder, list[np.ndarray],
+                                                      EncoderResult]:
+    """Time the real encoder per frame (batch 1) after warm-up; keep the tokens it made.
+
+    resize_and_crop is timed too, on full-size photo windows (information only: the pipeline
+    reports it apart from the encoder).
+    """
+    crops = camera_frames(frames)
+    photo = skdata.astronaut()
+    crop_ms = []
+    for _ in range(20):
+        start = time.perf_counter()
+        resize_and_crop(photo)
+        crop_ms.append(ms(time.perf_counter() - start))
+
+    encoder = TorchEncoder('cpu')
+    for crop in crops[:warmup]:
+        encoder.run(crop[None])
+    tokens, times = [], []
+    for crop in tqdm(crops, desc='encoder', unit='frame', mininterval=2):
+        start = time.perf_counter()
+        out = encoder.run(crop[None])
+        times.append(ms(time.perf_counter() - start))
+        tokens.append(torch.from_numpy(out))
+    return encoder, crops, EncoderResult(tokens, np.asarray(times), np.asarray(crop_ms))
+
+
+@dataclass
+class StreamResult:
+    name: str
+    frames: int
+    step_ms: np.ndarray
+    heads_ms: np.ndarray
+    rss_mb: dict[int, float] = field(default_factory=dict)
+    bank_mb: dict[int, float] = field(default_factory=dict)
+    drift: tuple[float, float] | None = None  # side by side: (step ms at ~100, at ~end)
+
+
+def run_stream(name: str, model: MalmmModel, memory: StreamMemory, tokens: list[torch.Tensor],
+               frames: int, checkpoints: list[int], snapshot_at: int | None) -> StreamResult:
+    """Drive `memory` for `frames` steps (now_s = frame index), timing each step.
+
+    With `snapshot_at`, the memory is copied after that frame and, at the end, WINDOW steps of
+    the copy (frame ~snapshot_at) and of the live memory (frame ~frames) are interleaved.
+    """
+    step_ms = np.zeros(frames)
+    heads_ms = np.zeros(frames)
+    result = StreamResult(name, frames, step_ms, heads_ms)
+    snapshot = None
+    with torch.inference_mode():
+        for index in tqdm(range(frames), desc=name, unit='step', mininterval=2):
+            step, heads = timed_step(model, tokens[index % len(tokens)], float(index), memory)
+            step_ms[index], heads_ms[index] = ms(step), ms(heads)
+            frame = index + 1
+            if frame == snapshot_at:
+                snapshot = copy.deepcopy(memory)
+            if frame in checkpoints:
+                result.rss_mb[frame] = rss_mb()
+                result.bank_mb[frame] = memory.nbytes() / 2**20
+        if snapshot is not None and snapshot_at is not None:
+            early, late = side_by_side(model, tokens, (snapshot, snapshot_at),
+                                       (memory, frames), WINDOW, f'{name} side by side')
+            result.drift = (float(np.median(early)), float(np.median(late)))
+    return result
+
+
+def side_by_side(model: MalmmModel, tokens: list[torch.Tensor],
+                 first: tuple[StreamMemory, int], second: tuple[StreamMemory, int],
+                 steps: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Interleave `steps` steps of two memories, each continuing from its next frame index.
+
+    The order alternates every pair so that neither side always runs on warm caches.
+    Returns the step times (ms) of each side.
+    """
+    times: tuple[list[float], list[float]] = ([], [])
+    sides = (first, second)
+    with torch.inference_mode():
+        for pair in tqdm(range(steps), desc=desc, unit='pair', mininterval=2):
+            order = (0, 1) if pair % 2 == 0 else (1, 0)
+            for side in order:
+                memory, next_index = sides[side]
+                index = next_index + pair
+                step, _ = timed_step(model, tokens[index % len(tokens)], float(index), memory)
+                times[side].append(ms(step))
+    return np.asarray(times[0]), np.asarray(times[1])
+
+
+def pipeline_order(model: MalmmModel, encoder: TorchEncoder, crops: list[np.ndarray],
+                   capacity: int, steps: int) -> dict[str, np.ndarray]:
+    """Encoder, step and heads per frame in the pipeline's order, after the bank is full."""
+    memory = model.new_memory(capacity)
+    times: dict[str, list[float]] = {'encoder': [], 'memory': [], 'heads': [], 'total': []}
+    with torch.inference_mode():
+        for index in tqdm(range(capacity + 1 + steps), desc='pipeline order', unit='frame',
+                          mininterval=2):
+            start = time.perf_counter()
+            tokens = torch.from_numpy(encoder.run(crops[index % len(crops)][None]))
+            encoded = time.perf_counter()
+            step, heads = timed_step(model, tokens, float(index), memory)
+            if index > capacity:
+                times['encoder'].append(ms(encoded - start))
+                times['memory'].append(ms(step))
+                times['heads'].append(ms(heads))
+                times['total'].append(ms(encoded - start + step + heads))
+    return {key: np.asarray(value) for key, value in times.items()}
+
+
+def bench_blip2(tokens: list[torch.Tensor], capacity: int, steps: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """blip2-size model, M = capacity: cached and recompute steps interleaved once full."""
+    model = build_model('blip2')
+    cached = model.new_memory(capacity)
+    recompute = model.new_memory(capacity, cache_projections=False)
+    with torch.inference_mode():
+        for index in tqdm(range(capacity + 1), desc='blip2 fill', unit='step', mininterval=2):
+            for memory in (cached, recompute):
+                model.step(tokens[index % len(tokens)], float(index), memory)
+    return side_by_side(model, tokens, (cached, capacity + 1), (recompute, capacity + 1),
+                        steps, 'blip2 timed')
+
+
+def frame_bytes(model: MalmmModel, tokens: list[torch.Tensor]) -> float:
+    """Bank bytes per frame kept without compression: a fresh bank filled to its first
+    allocation (16 slots; it then doubles), divided by 16."""
+    memory = model.new_memory(None)
+    with torch.inference_mode():
+        for index in range(16):
+            model.step(tokens[index % len(tokens)], float(index), memory)
+    return memory.nbytes() / 16
+
+
+def baseline_slope(result: StreamResult) -> tuple[float, float]:
+    """Least-squares slope and intercept (ms per frame, ms) of window medians vs frame."""
+    ends = [end for end in range(2 * WINDOW, result.frames + 1, WINDOW)]
+    if len(ends) < 2:
+        return math.nan, math.nan
+    medians = [window_median(result.step_ms, end) for end in ends]
+    centres = [end - WINDOW / 2 for end in ends]
+    slope, intercept = np.polyfit(centres, medians, 1)
+    return float(slope), float(intercept)
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--frames', type=int, default=10_000,
+                        help='stream length for the bounded-memory rows (default 10000)')
+    parser.add_argument('--baseline-frames', type=int, default=1_000,
+                        help='stream length for the no-compression baseline (default 1000)')
+    parser.add_argument('--encoder-frames', type=int, default=100,
+                        help='camera frames timed through the encoder (default 100)')
+    parser.add_argument('--blip2-steps', type=int, default=20,
+                        help='timed blip2 steps per variant once the bank is full (default 20)')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: 300 frames, baseline 300, 5 blip2 steps')
+    parser.add_argument('--skip-blip2', action='store_true', help='skip the blip2-size rows')
+    args = parser.parse_args()
+    if args.quick:
+        args.frames, args.baseline_frames, args.blip2_steps = 300, 300, 5
+    if args.frames < WINDOW or args.baseline_frames < WINDOW:
+        parser.error(f'--frames and --baseline-frames must be at least {WINDOW}')
+
+    checkpoints = sorted({c for c in CHECKPOINTS if c < args.frames} | {args.frames})
+    base_points = sorted({c for c in CHECKPOINTS if c < args.baseline_frames}
+                         | {args.baseline_frames})
+    first, last = checkpoints[0], checkpoints[-1]
+    rss_from = checkpoints[-2] if len(checkpoints) > 1 else first
+
+    print('# malmm_ros streaming benchmark\n')
+    print(f'Run {time.strftime("%Y-%m-%d %H:%M")}: frames {args.frames}, baseline frames '
+          f'{args.baseline_frames}, latency windows of {WINDOW} steps ending at frames '
+          f'{", ".join(f"{c:,}" for c in checkpoints)}.\n')
+    print('## Machine\n')
+    print(table(['CPU', 'cores (os.cpu_count)', 'torch', 'torch threads', 'Python'],
+                [[cpu_model(), os.cpu_count(), torch.__version__, torch.get_num_threads(),
+                  platform.python_version()]]))
+    print(flush=True)
+
+    # Encoder.
+    encoder, crops, enc = bench_encoder(args.encoder_frames, warmup=10)
+    enc_median = float(np.median(enc.encoder_ms))
+    print('\n## Encoder (torch EfficientNet-Lite0, pretrained, fp32, batch 1)\n')
+    print(table(['frames timed', 'median ms', 'p10 ms', 'p90 ms', 'resize_and_crop ms (info)'],
+                [[len(enc.encoder_ms), fmt(enc_median),
+                  fmt(float(np.percentile(enc.encoder_ms, 10))),
+                  fmt(float(np.percentile(enc.encoder_ms, 90))),
+                  fmt(float(np.median(enc.crop_ms)))]]))
+    print(flush=True)
+
+    # Bounded-memory rows, then the baseline (it leaves the biggest heap behind).
+    edge = build_model('edge')
+    runs: list[StreamResult] = []
+    for name, capacity, cache in (('edge M=10 cached', 10, True),
+                                  ('edge M=20 cached', 20, True),
+                                  ('edge M=20 recompute', 20, False)):
+        memory = edge.new_memory(capacity, cache_projections=cache)
+        runs.append(run_stream(name, edge, memory, enc.tokens, args.frames, checkpoints,
+                               snapshot_at=first))
+        del memory
+    order = pipeline_order(edge, encoder, crops, 20, steps=100 if not args.quick else 30)
+    base_memory = edge.new_memory(None)
+    baseline = run_stream('edge no compression', edge, base_memory, enc.tokens,
+                          args.baseline_frames, base_points, snapshot_at=None)
+    del base_memory
+    bytes_per_frame = frame_bytes(edge, enc.tokens)
+    gc.collect()
+
+    # Latency table.
+    rows = []
+    for run in [*runs, baseline]:
+        reference = window_median(run.step_ms, first)
+        for point in (base_points if run is baseline else checkpoints):
+            step = window_median(run.step_ms, point)
+            heads = window_median(run.heads_ms, point)
+            total = enc_median + step + heads
+            rows.append([run.name, f'{point:,}', fmt(enc_median), fmt(step), fmt(heads),
+                         fmt(total), fmt(total / enc_median), fmt(step / reference)])
+    slope, intercept = baseline_slope(baseline)
+    far = max(CHECKPOINTS[-1], args.frames)
+    if args.baseline_frames < far:
+        projected = intercept + slope * far
+        rows.append([baseline.name, f'{far:,}', 'not run', f'not run (grows linearly: '
+                     f'+{fmt(slope * 1000)} ms per 1,000 frames, ~{fmt(projected, 0)} ms '
+                     f'extrapolated)', '', '', '', ''])
+    print('\n## Per-step latency (median of the 50 steps ending at each frame)\n')
+    print(table(['config', 'frame', 'encoder ms', 'memory + Q-Former ms', 'heads ms',
+                 'total ms', 'total / encoder', f'memory step / at {first:,}'], rows))
+    print('\nencoder ms is the encoder median above (its cost does not depend on the frame '
+          'index); memory + Q-Former is MalmmModel.step (adapter, banks, Q-Former); heads is '
+          'MalmmModel.classify on the same step.')
+
+    # Memory table.
+    columns = sorted(set(checkpoints) | set(base_points))
+    rows = []
+    for run in [*runs, baseline]:
+        points = sorted(run.rss_mb)
+        growth = run.rss_mb[points[-1]] - run.rss_mb[points[-2]] if len(points) > 1 else math.nan
+        cells = [fmt(run.rss_mb[c], 1) if c in run.rss_mb else 'not run' for c in columns]
+        rows.append([run.name, *cells, f'{fmt(growth, 1)} ({points[-2]:,} -> {points[-1]:,})'
+                     if len(points) > 1 else 'n/a', fmt(run.bank_mb[points[-1]], 2)])
+    print('\n## Memory (RSS of the whole process, after gc.collect())\n')
+    print(table(['config', *[f'RSS MB at {c:,}' for c in columns], 'RSS growth MB',
+                 'bank MB (last frame)'], rows))
+    if args.baseline_frames < far:
+        print(f'\n{baseline.name} at {far:,} frames: not run (grows linearly: '
+              f'{fmt(bytes_per_frame / 1024, 0)} kB of bank storage per frame kept, '
+              f'~{fmt(bytes_per_frame * far / 2**30, 1)} GB extrapolated, more as its storage '
+              f'doubles, and '
+              f'~{fmt(intercept + slope * far, 0)} ms per step). The baseline attends over every '
+              'frame it has seen, so both its step time and its memory grow with every frame.')
+    print('\nAll rows run in one process, one after the other, so absolute RSS includes what '
+          'earlier rows left behind; the growth within a row is what matters.')
+
+    # Side by side.
+    print(f'\n## Side by side (interleaved steps, {WINDOW} each)\n')
+    rows = []
+    for run in runs:
+        assert run.drift is not None
+        rows.append([run.name, fmt(run.drift[0]), fmt(run.drift[1]),
+                     fmt(run.drift[1] / run.drift[0], 3)])
+    print(table(['config', f'step ms at frame ~{first:,}', f'step ms at frame ~{last:,}',
+                 'ratio'], rows))
+    order_enc = float(np.median(order['encoder']))
+    order_total = float(np.median(order['total']))
+    print(f'\nPipeline order (edge M=20 cached, {len(order["total"])} frames after the bank is '
+          'full: encoder, step, heads per frame):\n')
+    print(table(['encoder ms', 'memory + Q-Former ms', 'heads ms', 'total ms',
+                 'total / encoder'],
+                [[fmt(order_enc), fmt(float(np.median(order['memory']))),
+                  fmt(float(np.median(order['heads']))), fmt(order_total),
+                  fmt(order_total / order_enc)]]))
+
+    blip2 = None
+    if not args.skip_blip2:
+        cached_ms, recompute_ms = bench_blip2(enc.tokens, 20, args.blip2_steps)
+        blip2 = (float(np.median(cached_ms)), float(np.median(recompute_ms)))
+        print(f'\n## blip2 size, M = 20 ({args.blip2_steps} interleaved steps each, frames '
+              f'22..{21 + args.blip2_steps}, bank full)\n')
+        print(table(['cached ms', 'recompute ms', 'speedup'],
+                    [[fmt(blip2[0], 1), fmt(blip2[1], 1), fmt(blip2[1] / blip2[0])]]))
+
+    # Targets.
+    by_name = {run.name: run for run in runs}
+    m20 = by_name['edge M=20 cached']
+    window_total = (enc_median + window_median(m20.step_ms, last)
+                    + window_median(m20.heads_ms, last))
+    rows = [[f'total step <= {TARGET_TOTAL_OVER_ENCODER:g}x encoder (edge M=20, torch encoder)',
+             f'{fmt(order_total / order_enc)}x side by side; {fmt(window_total / enc_median)}x '
+             f'from the medians at frame {last:,}',
+             verdict(order_total / order_enc <= TARGET_TOTAL_OVER_ENCODER)]]
+    for run in runs:
+        assert run.drift is not None
+        side = run.drift[1] / run.drift[0]
+        windows = window_median(run.step_ms, last) / window_median(run.step_ms, first)
+        rows.append([f'step at {last:,} / at {first:,} <= {TARGET_DRIFT:g} ({run.name})',
+                     f'{fmt(side, 3)} side by side; {fmt(windows, 3)} from the windows',
+                     verdict(side <= TARGET_DRIFT)])
+    for run in runs:
+        growth = run.rss_mb[last] - run.rss_mb[rss_from]
+        rows.append([f'RSS growth {rss_from:,} -> {last:,} frames <= {TARGET_RSS_GROWTH_MB:g} MB '
+                     f'({run.name})', f'{fmt(growth, 1)} MB', verdict(growth <=
+                                                                      TARGET_RSS_GROWTH_MB)])
+    if blip2 is not None:
+        speedup = blip2[1] / blip2[0]
+        rows.append([f'cached >= {TARGET_BLIP2_SPEEDUP:g}x faster than recompute (blip2, M=20)',
+                     f'{fmt(speedup)}x', verdict(speedup >= TARGET_BLIP2_SPEEDUP)])
+    print('\n## Targets\n')
+    print(table(['target', 'measured', 'verdict'], rows))
+    print('\nThe side-by-side ratios decide the verdicts: both sides were timed interleaved, so '
+          'load from other processes affects them alike.')
+
+
+if __name__ == '__main__':
+    main()
