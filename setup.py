@@ -34,6 +34,7 @@ setup(
             'malmm-make-bag = malmm_ros.cli.make_bag:main',
             'malmm-replay = malmm_ros.ros.replay:main',
             'malmm-anticipate = malmm_ros.ros.anticipate_node:main',
+            'malmm-export = malmm_ros.cli.export:main',
         ],
     },
 )

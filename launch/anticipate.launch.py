@@ -35,7 +35,8 @@ def generate_launch_description() -> LaunchDescription:
             'input_transport', default_value='raw',
             description='raw: sensor_msgs/Image; compressed: sensor_msgs/CompressedImage'),
         DeclareLaunchArgument(
-            'backend', default_value='torch', description='image encoder backend: torch | auto'),
+            'backend', default_value='onnxruntime',
+            description='image encoder backend: onnxruntime | torch | tensorrt | auto'),
         DeclareLaunchArgument(
             'params_file', default_value=default_params,
             description='ROS 2 parameter file with every node parameter'),

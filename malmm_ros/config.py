@@ -123,7 +123,13 @@ class AnticipateConfig:
                               0.0, 1000.0)
     publish_every_n: int = _spec(1, 'predict every n sampled frames', 1, 10000)
     memory_bank_length: int = _spec(20, 'memory capacity M of every bank, in slots', 1, 1000)
-    backend: str = _spec('torch', 'image encoder backend', choices=('torch', 'auto'))
+    backend: str = _spec('onnxruntime', 'image encoder backend (auto: best one available)',
+                         choices=('onnxruntime', 'torch', 'tensorrt', 'auto'))
+    precision: str = _spec('fp16', 'TensorRT engine precision (int8 needs calibration '
+                           'frames: malmm-export engine --calib)',
+                           choices=('fp32', 'fp16', 'int8'))
+    engine_dir: str = _spec('', 'cache of exported/compiled encoders; empty: $MALMM_ENGINE_DIR, '
+                            'the checkout\'s engines/ or ~/.cache/malmm_ros/engines')
     checkpoint: str = _spec('', 'trained safetensors checkpoint; empty: untrained heads')
     device: str = _spec('cpu', 'torch device for the model', choices=('cpu', 'cuda'))
     num_threads: int = _spec(0, 'torch intra-op threads (0: library default)', 0, 256)

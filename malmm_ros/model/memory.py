@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    'BankRows',
     'MemoryBank',
     'StreamMemory',
     'memory_bank_compress',
@@ -105,28 +106,41 @@ class MemoryBank:
     as the cached key/value projections of the attention layers reading this bank.
     capacity=None never compresses (the no-compression baseline of the benchmark).
 
-    A frame enters in two phases: `add_frame` writes its tokens into a free slot (attention then
-    reads [stored ; current] as one view, no copy), `write` fills its cached fields, and `commit`
-    compresses once if the bank now holds more than `capacity` frames.
+    `groups` stacks several independent banks that receive frames at the same times (the
+    per-layer query banks) along the batch dimension, so one `commit` compresses them all:
+    each (group, batch, position) still merges its own most similar pair.
+
+    A frame enters in three phases: `open_slot` reserves a free slot and stamps it (or
+    `add_frame`, which also writes the tokens), `write` fills tokens and cached fields (attention
+    then reads [stored ; current] as one view, no copy), and `commit` compresses once if the
+    bank now holds more than `capacity` frames.
     """
 
-    def __init__(self, capacity: int | None, fields: Mapping[str, int] | None = None) -> None:
+    def __init__(self, capacity: int | None, fields: Mapping[str, int] | None = None, *,
+                 groups: int = 1) -> None:
         if capacity is not None and capacity < 1:
             raise ValueError(f'memory capacity must be >= 1 or None, got {capacity}')
+        if groups < 1:
+            raise ValueError(f'groups must be >= 1, got {groups}')
         self.capacity = capacity
         self.fields = dict(fields or {})
+        self.groups = groups
+        self._data: torch.Tensor | None = None  # (G*B, S, N, W) packed: tokens, then fields
         self.reset()
 
     def reset(self) -> None:
         """Forget every slot (storage is kept for reuse)."""
         self._len = 0
-        self._data: torch.Tensor | None = getattr(self, '_data', None)  # (B, S, N, W) packed
-        self._counts: torch.Tensor | None = getattr(self, '_counts', None)  # (B, S, N) f64
-        self._times: torch.Tensor | None = getattr(self, '_times', None)  # (B, S, N) f64 s
-        self._order: torch.Tensor | None = None  # (B, S, N): physical slot of t-th oldest
-        self._sims: torch.Tensor | None = None  # (B, S, N): cos(order[t], order[t+1])
-        self._newest: torch.Tensor | None = None  # (B, 1, N): physical slot of newest frame
-        self._free: torch.Tensor | None = None  # (B, 1, N): physical slot for the next frame
+        self._counts: torch.Tensor | None = None  # (G*B, S, N) float64 frames per slot
+        self._times: torch.Tensor | None = None  # (G*B, S, N) float64 seconds (mean)
+        self._order: torch.Tensor | None = None  # (G*B, S, N): physical slot of t-th oldest
+        self._sims: torch.Tensor | None = None  # (G*B, S, N): cos(order[t], order[t+1])
+        self._newest: torch.Tensor | None = None  # (G*B, 1, N): physical slot of newest
+        self._free: torch.Tensor | None = None  # (G*B, 1, N): physical slot for the next
+        self._batch = 0
+        self._token_width = 0
+        self._open = False  # a slot was opened and not yet committed
+        self._sims_pending = False  # the newest slot's similarity is computed at commit
         self.frames_seen = 0
         self.compressions = 0
 
@@ -136,35 +150,42 @@ class MemoryBank:
     # -- layout -----------------------------------------------------------------------------
 
     def _slice(self, name: str) -> slice:
-        assert self._data is not None
         if name == 'tokens':
-            return slice(0, self._data.shape[-1] - sum(self.fields.values()))
-        offset = self._data.shape[-1] - sum(self.fields.values())
+            return slice(0, self._token_width)
+        offset = self._token_width
         for field_name, width in self.fields.items():
             if field_name == name:
                 return slice(offset, offset + width)
             offset += width
         raise KeyError(f'bank has no field {name!r}; fields: {sorted(self.fields)}')
 
+    def _rows(self, group: int | None) -> slice:
+        if group is None:
+            return slice(None)
+        if not 0 <= group < self.groups:
+            raise IndexError(f'group {group} out of range for {self.groups} group(s)')
+        return slice(group * self._batch, (group + 1) * self._batch)
+
     def has(self, name: str) -> bool:
         """Whether the bank stores `name` (tokens always; cached fields if configured)."""
         return name == 'tokens' or name in self.fields
 
-    def _allocate(self, tokens: torch.Tensor) -> None:
-        batch, positions, width = tokens.shape
+    def _allocate(self, like: torch.Tensor) -> None:
+        batch, positions, width = like.shape
+        self._batch, self._token_width = batch, width
         slots = self.capacity + 1 if self.capacity is not None else 16
-        shape = (batch, slots, positions)
+        shape = (self.groups * batch, slots, positions)
         packed = width + sum(self.fields.values())
         data = self._data
-        if data is None or data.shape != (*shape, packed) or data.dtype != tokens.dtype \
-                or data.device != tokens.device:
-            self._data = tokens.new_zeros(*shape, packed)
-            self._counts = torch.zeros(shape, dtype=torch.float64, device=tokens.device)
-            self._times = torch.zeros(shape, dtype=torch.float64, device=tokens.device)
-        self._order = torch.arange(slots, device=tokens.device).view(1, -1, 1).expand(
+        if data is None or data.shape != (*shape, packed) or data.dtype != like.dtype \
+                or data.device != like.device:
+            self._data = like.new_zeros(*shape, packed)
+        self._counts = torch.zeros(shape, dtype=torch.float64, device=like.device)
+        self._times = torch.zeros(shape, dtype=torch.float64, device=like.device)
+        self._order = torch.arange(slots, device=like.device).view(1, -1, 1).expand(
             shape).contiguous()
-        self._sims = torch.zeros(shape, dtype=tokens.dtype, device=tokens.device)
-        self._free = torch.zeros(batch, 1, positions, dtype=torch.long, device=tokens.device)
+        self._sims = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self._free = torch.zeros(shape[0], 1, positions, dtype=torch.long, device=like.device)
 
     def _grow(self) -> None:
         """Double the storage of an uncompressed bank (capacity=None)."""
@@ -180,41 +201,59 @@ class MemoryBank:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def add_frame(self, tokens: torch.Tensor, time_s: float) -> None:
-        """Write one frame's tokens [B, N, C] stamped `time_s` (seconds) into a free slot."""
-        tokens = tokens.detach()
+    def open_slot(self, time_s: float, like: torch.Tensor) -> None:
+        """Reserve the slot of a new frame stamped `time_s` (seconds) in every group.
+
+        `like` is one group's tokens [B, N, C] (shape, dtype, device); fill the slot with
+        `write('tokens', ...)` per group before reading the bank.
+        """
+        if self._open:
+            raise RuntimeError('open_slot() twice without commit()')
         if self._len == 0:
-            self._allocate(tokens)
+            self._allocate(like)
         elif self._len == self._data.shape[1]:
             self._grow()
         assert self._data is not None and self._free is not None and self._order is not None
-        if tokens.shape[::2] != (self._data.shape[0], self._data.shape[-1]
-                                 - sum(self.fields.values())) \
-                or tokens.shape[1] != self._data.shape[2]:
-            raise ValueError(f'frame tokens {tuple(tokens.shape)} do not fit bank '
-                             f'{tuple(self._data.shape)}')
+        if like.shape != (self._batch, self._data.shape[2], self._token_width):
+            raise ValueError(f'frame tokens {tuple(like.shape)} do not fit bank of '
+                             f'{self._batch} x {self._data.shape[2]} x {self._token_width}')
         slot = self._free
-        self._scatter('tokens', slot, tokens)
         self._counts.scatter_(1, slot, 1.0)
         self._times.scatter_(1, slot, float(time_s))
-        self._order.scatter_(1, torch.full_like(slot, self._len), slot)
-        if self._len:
-            previous = self._order[:, self._len - 1:self._len]
-            sim = _cosine(self._gather('tokens', previous), tokens.unsqueeze(1))
-            self._sims[:, self._len - 1:self._len] = sim
+        self._order[:, self._len:self._len + 1] = slot
         self._newest = slot
         self._len += 1
         self.frames_seen += 1
         self._free = torch.full_like(slot, self._len)
+        self._sims_pending = self._len > 1
+        self._open = True
 
-    def write(self, name: str, value: torch.Tensor) -> None:
-        """Fill cached field `name` of the newest frame with value [B, N, W]."""
-        if self._newest is None:
-            raise RuntimeError('write() before add_frame()')
-        self._scatter(name, self._newest, value.detach())
+    def write(self, name: str, value: torch.Tensor, group: int | None = None) -> None:
+        """Fill field `name` (or 'tokens') of the newest frame: value [B, N, W] for one group,
+        or [G*B, N, W] with group None."""
+        if self._newest is None or self._data is None:
+            raise RuntimeError('write() before add_frame() / open_slot()')
+        rows = self._rows(group)
+        target = self._data[rows, :, :, self._slice(name)]
+        value = value.detach().unsqueeze(1)  # (B, 1, N, W)
+        target.scatter_(1, _expand(self._newest[rows], value.shape), value.to(target.dtype))
+
+    def add_frame(self, tokens: torch.Tensor, time_s: float) -> None:
+        """open_slot and write the tokens [B, N, C] (a bank of one group)."""
+        if self.groups != 1:
+            raise RuntimeError('add_frame() is for single-group banks; use open_slot/write')
+        self.open_slot(time_s, tokens)
+        self.write('tokens', tokens)
 
     def commit(self) -> None:
-        """Finish the newest frame: compress once if the bank holds more than capacity."""
+        """Finish the newest frame: update similarities, compress once if over capacity."""
+        self._open = False
+        if self._sims_pending:
+            assert self._order is not None and self._sims is not None
+            previous = self._order[:, self._len - 2:self._len - 1]
+            sim = _cosine(self._gather('tokens', previous), self._gather('tokens', self._newest))
+            self._sims[:, self._len - 2:self._len - 1] = sim
+            self._sims_pending = False
         if self.capacity is not None and self._len > self.capacity:
             self._compress()
 
@@ -227,11 +266,11 @@ class MemoryBank:
         self.commit()
 
     def _compress(self) -> None:
-        """Merge the most similar adjacent pair of every position (MBC), in place."""
+        """Merge the most similar adjacent pair of every row and position (MBC), in place."""
         assert self._data is not None and self._counts is not None and self._times is not None
         assert self._order is not None and self._sims is not None
         length = self._len
-        k = self._sims[:, :length - 1].argmax(dim=1, keepdim=True)  # (B, 1, N)
+        k = self._sims[:, :length - 1].argmax(dim=1, keepdim=True)  # (R, 1, N)
         keep = self._order.gather(1, k)  # physical slots: merged into `keep`, `drop` freed
         drop = self._order.gather(1, k + 1)
         c_keep, c_drop = self._counts.gather(1, keep), self._counts.gather(1, drop)
@@ -243,8 +282,7 @@ class MemoryBank:
             self._gather(None, drop) - first)
         self._data.scatter_(1, _expand(keep, merged.shape), merged)
         t_keep = self._times.gather(1, keep)
-        times = t_keep + w_drop * (self._times.gather(1, drop) - t_keep)
-        self._times.scatter_(1, keep, times)
+        self._times.scatter_(1, keep, t_keep + w_drop * (self._times.gather(1, drop) - t_keep))
         self._counts.scatter_(1, keep, c_keep + c_drop)
         self._counts.scatter_(1, drop, 0.0)
 
@@ -255,23 +293,24 @@ class MemoryBank:
         self._sims = self._sims.gather(1, source)
         self._len = length - 1
         merged_tokens = merged[..., self._slice('tokens')]
-        # pair (k-1, k): exists when k > 0
-        before = self._order.gather(1, (k - 1).clamp(min=0))
-        sim_before = _cosine(self._gather('tokens', before), merged_tokens)
-        at = (k - 1).clamp(min=0)
-        old = self._sims.gather(1, at)
-        self._sims.scatter_(1, at, torch.where(k > 0, sim_before, old))
-        # pair (k, k+1) of the new order: exists when k + 1 < new length
-        nxt = (k + 1).clamp(max=self._len - 1)
-        sim_after = _cosine(merged_tokens, self._gather('tokens', self._order.gather(1, nxt)))
-        old = self._sims.gather(1, k)
-        self._sims.scatter_(1, k, torch.where(k + 1 < self._len, sim_after, old))
+        # Pairs (k-1, k) and (k, k+1) of the new order involve the merged slot; the first
+        # exists when k > 0, the second when k + 1 < new length.
+        at = torch.cat([(k - 1).clamp(min=0), (k + 1).clamp(max=self._len - 1)], dim=1)
+        neighbours = self._gather('tokens', self._order.gather(1, at))  # (R, 2, N, C)
+        fresh = _cosine(neighbours, merged_tokens)  # (R, 2, N)
+        # Two scatters, not one: with k == 0 both pairs would target index 0, and scatter_ with
+        # duplicate indices does not say which write wins.
+        before = at[:, :1]
+        self._sims.scatter_(1, before, torch.where(k > 0, fresh[:, :1],
+                                                   self._sims.gather(1, before)))
+        self._sims.scatter_(1, k, torch.where(k + 1 < self._len, fresh[:, 1:],
+                                              self._sims.gather(1, k)))
         self._free = drop
         self.compressions += 1
 
     # -- reading ----------------------------------------------------------------------------
 
-    def view(self, name: str) -> torch.Tensor:
+    def view(self, name: str, group: int | None = None) -> torch.Tensor:
         """Field `name` of every slot in use, in storage order: [B, S_used, N, W] (a view).
 
         Attention does not depend on slot order, so it reads this directly; during a step the
@@ -279,20 +318,22 @@ class MemoryBank:
         """
         if self._data is None or self._len == 0:
             raise RuntimeError('the bank is empty')
-        return self._data[:, :self._used(), :, self._slice(name)]
+        return self._data[self._rows(group), :self._used(), :, self._slice(name)]
 
-    def ages(self, now_s: float) -> torch.Tensor:
+    def ages(self, now_s: float, group: int | None = None) -> torch.Tensor:
         """Age in seconds of every slot in use, in storage order: [B, S_used, N] float64."""
         assert self._times is not None
-        return now_s - self._times[:, :self._used()]
+        return now_s - self._times[self._rows(group), :self._used()]
 
-    def place_newest(self, stored: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    def place_newest(self, stored: torch.Tensor, live: torch.Tensor,
+                     group: int | None = None) -> torch.Tensor:
         """`stored` [B, S_used, N, W] with the newest frame's entries replaced by `live` [B, N, W].
 
         Out of place, so gradients reach `live` (training); the stored copy is detached.
         """
         assert self._newest is not None
-        return stored.scatter(1, _expand(self._newest, (*live.shape[:1], 1, *live.shape[1:])),
+        newest = self._newest[self._rows(group)]
+        return stored.scatter(1, _expand(newest, (*live.shape[:1], 1, *live.shape[1:])),
                               live.unsqueeze(1))
 
     def _used(self) -> int:
@@ -302,28 +343,32 @@ class MemoryBank:
         return min(self._data.shape[1], self._len if self.compressions == 0
                    else self._data.shape[1])
 
-    def ordered(self, name: str = 'tokens') -> torch.Tensor:
+    def ordered(self, name: str = 'tokens', group: int | None = None) -> torch.Tensor:
         """Field `name` of the stored slots, oldest first: [B, T, N, W] (a copy)."""
         if self._data is None or self._len == 0:
             raise RuntimeError('the bank is empty')
-        return self._gather(name, self._order[:, :self._len])
+        return self._gather(name, self._order[:, :self._len])[self._rows(group)]
 
     @property
     def tokens(self) -> torch.Tensor:
-        """Stored tokens oldest first: [B, T, N, C]."""
+        """Stored tokens oldest first: [G*B, T, N, C]."""
         return self.ordered('tokens')
 
     @property
     def counts(self) -> torch.Tensor:
-        """Frames merged into each stored slot, oldest first: [B, T, N] float64."""
+        """Frames merged into each stored slot, oldest first: [G*B, T, N] float64."""
         assert self._counts is not None and self._order is not None
         return self._counts.gather(1, self._order[:, :self._len])
 
     @property
     def times(self) -> torch.Tensor:
-        """Count-weighted mean timestamp (seconds) of each stored slot, oldest first: [B, T, N]."""
+        """Count-weighted mean timestamp (seconds) of each stored slot, oldest first."""
         assert self._times is not None and self._order is not None
         return self._times.gather(1, self._order[:, :self._len])
+
+    def rows(self, group: int) -> BankRows:
+        """A read-only view of one group (e.g. one layer's query bank)."""
+        return BankRows(self, group)
 
     def nbytes(self) -> int:
         """Bytes of storage held by the bank."""
@@ -333,16 +378,57 @@ class MemoryBank:
     # -- helpers ----------------------------------------------------------------------------
 
     def _gather(self, name: str | None, slots: torch.Tensor) -> torch.Tensor:
-        """Field `name` (None: every field) at physical `slots` [B, K, N] -> [B, K, N, W]."""
+        """Field `name` (None: every field) at physical `slots` [R, K, N] -> [R, K, N, W]."""
         assert self._data is not None
         data = self._data if name is None else self._data[..., self._slice(name)]
         return data.gather(1, _expand(slots, (*slots.shape, data.shape[-1])))
 
-    def _scatter(self, name: str, slots: torch.Tensor, value: torch.Tensor) -> None:
-        assert self._data is not None
-        target = self._data[..., self._slice(name)]
-        value = value.unsqueeze(1) if value.dim() == 3 else value
-        target.scatter_(1, _expand(slots, value.shape), value.to(target.dtype))
+
+class BankRows:
+    """One group of a MemoryBank seen as a bank of its own (read-only)."""
+
+    def __init__(self, bank: MemoryBank, group: int) -> None:
+        self.bank, self.group = bank, group
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    @property
+    def capacity(self) -> int | None:
+        return self.bank.capacity
+
+    @property
+    def fields(self) -> dict[str, int]:
+        return self.bank.fields
+
+    @property
+    def frames_seen(self) -> int:
+        return self.bank.frames_seen
+
+    @property
+    def compressions(self) -> int:
+        return self.bank.compressions
+
+    def has(self, name: str) -> bool:
+        return self.bank.has(name)
+
+    def ordered(self, name: str = 'tokens') -> torch.Tensor:
+        return self.bank.ordered(name, self.group)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.ordered('tokens')
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.bank.counts[self.bank._rows(self.group)]
+
+    @property
+    def times(self) -> torch.Tensor:
+        return self.bank.times[self.bank._rows(self.group)]
+
+    def nbytes(self) -> int:
+        return self.bank.nbytes() // self.bank.groups
 
 
 def _expand(slots: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
@@ -360,6 +446,8 @@ class StreamMemory:
 
     One object, owned by the pipeline and passed to the Q-Former each step; `reset()` clears
     every bank together (the public code resets query banks on a frame counter instead).
+    The per-layer query banks live stacked in `query_bank` (one compression call per step for
+    all layers); `queries[l]` shows layer l's bank on its own.
     With cache_projections the banks also keep each attention layer's key/value projections of
     stored frames; without it every step recomputes them, as the public code does.
     """
@@ -374,8 +462,9 @@ class StreamMemory:
         cache_projections: bool = True,
     ) -> None:
         self.visual = MemoryBank(capacity, visual_fields if cache_projections else None)
-        self.queries = [MemoryBank(capacity, query_fields if cache_projections else None)
-                        for _ in range(num_layers)]
+        self.query_bank = MemoryBank(capacity, query_fields if cache_projections else None,
+                                     groups=num_layers)
+        self.queries = [self.query_bank.rows(layer) for layer in range(num_layers)]
         self.capacity = capacity
         self.cache_projections = cache_projections
         self.frames_seen = 0
@@ -383,8 +472,7 @@ class StreamMemory:
     def reset(self) -> None:
         """Forget everything: visual bank, query banks and the frame count."""
         self.visual.reset()
-        for bank in self.queries:
-            bank.reset()
+        self.query_bank.reset()
         self.frames_seen = 0
 
     def __len__(self) -> int:
@@ -393,4 +481,4 @@ class StreamMemory:
 
     def nbytes(self) -> int:
         """Bytes held by every bank."""
-        return self.visual.nbytes() + sum(bank.nbytes() for bank in self.queries)
+        return self.visual.nbytes() + self.query_bank.nbytes()

@@ -20,7 +20,7 @@ from torch import nn
 
 from malmm_ros.config import ModelConfig
 from malmm_ros.model.memory import MemoryBank, StreamMemory
-from malmm_ros.model.time_encoding import RelativeTimeBias
+from malmm_ros.model.time_encoding import RelativeTimeBias, age_buckets
 
 __all__ = ['FeedForward', 'MemoryAttention', 'MemoryQFormer', 'QFormerLayer']
 
@@ -43,38 +43,37 @@ class MemoryAttention(nn.Module):
         self.norm = nn.LayerNorm(width, eps=1e-12)
         self.time_bias = RelativeTimeBias(config.num_heads, config.time_buckets, config.max_age_s)
 
-    def forward(
-        self, hidden: torch.Tensor, current: torch.Tensor, bank: MemoryBank, now_s: float
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, current: torch.Tensor, bank: MemoryBank,
+                buckets: torch.Tensor, group: int | None = None) -> torch.Tensor:
         """hidden [B, Q, D] attends over the bank, whose newest frame is `current` [B, N, C].
 
-        The caller has already put `current` into the bank (add_frame); this writes the frame's
-        key/value projections into the bank's cache (when it has one) and reads every stored
-        frame's from there, so stored frames are never projected again.
+        The caller has already put `current` into the bank (open_slot/write); this writes the
+        frame's key/value projections into the bank's cache (when it has one) and reads every
+        stored frame's from there, so stored frames are never projected again. `buckets`
+        [B, S*N] are the age buckets of the bank's slots (computed once per bank and step).
         """
         batch, num_q, width = hidden.shape
         key_name, value_name = f'{self.cache_key}.k', f'{self.cache_key}.v'
         cached = bank.has(key_name)
         if cached:
             key_now, value_now = self.key(current), self.value(current)  # (B, N, D)
-            bank.write(key_name, key_now)
-            bank.write(value_name, value_now)
+            bank.write(key_name, key_now, group)
+            bank.write(value_name, value_now, group)
         if cached and not torch.is_grad_enabled():
-            keys, values = bank.view(key_name), bank.view(value_name)  # (B, S, N, D)
+            keys, values = bank.view(key_name, group), bank.view(value_name, group)  # (B,S,N,D)
         else:
             # Project every stored frame: the public code's way, and the training path, where
             # the key/value weights need gradients through all slots (the cache is detached).
             # place_newest builds a new tensor, so later in-place merges cannot corrupt what
             # autograd saved, and puts the live current frame in.
-            tokens = bank.place_newest(bank.view('tokens'), current)
+            tokens = bank.place_newest(bank.view('tokens', group), current, group)
             keys, values = self.key(tokens), self.value(tokens)
-        ages = bank.ages(now_s).flatten(1)  # (B, S*N)
 
         head_dim = width // self.num_heads
         q = self.query(hidden).view(batch, num_q, self.num_heads, head_dim).transpose(1, 2)
         k = keys.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, h, S*N, hd)
         v = values.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)
-        bias = self.time_bias(ages).to(q.dtype)  # (B, h, 1, S*N)
+        bias = self.time_bias.from_buckets(buckets).to(q.dtype)  # (B, h, 1, S*N)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, Q, hd)
         context = context.transpose(1, 2).reshape(batch, num_q, width)
         return self.norm(hidden + self.output(context))
@@ -146,14 +145,23 @@ class MemoryQFormer(nn.Module):
             )
         batch = visual.shape[0]
         hidden = self.embed_norm(self.query_tokens.expand(batch, -1, -1))  # (B, Q, D)
-        memory.visual.add_frame(visual, now_s)
-        for layer, bank in zip(self.layers, memory.queries, strict=True):
-            bank.add_frame(hidden, now_s)
-            hidden = layer.self_attention(hidden, hidden, bank, now_s)
-            bank.commit()
+        visual_bank, query_bank = memory.visual, memory.query_bank
+        visual_bank.add_frame(visual, now_s)
+        query_bank.open_slot(now_s, hidden)
+        # Ages change every step but are shared by every layer reading a bank: bucket once.
+        config = self.config
+        visual_buckets = age_buckets(visual_bank.ages(now_s).flatten(1), config.time_buckets,
+                                     config.max_age_s)  # (B, S*N)
+        query_buckets = age_buckets(query_bank.ages(now_s).flatten(1), config.time_buckets,
+                                    config.max_age_s)  # (L*B, S*Q)
+        for index, layer in enumerate(self.layers):
+            query_bank.write('tokens', hidden, index)
+            rows = query_buckets[index * batch:(index + 1) * batch]
+            hidden = layer.self_attention(hidden, hidden, query_bank, rows, index)
             if layer.cross_attention is not None:
-                hidden = layer.cross_attention(hidden, visual, memory.visual, now_s)
+                hidden = layer.cross_attention(hidden, visual, visual_bank, visual_buckets)
             hidden = layer.feed_forward(hidden)
-        memory.visual.commit()
+        query_bank.commit()
+        visual_bank.commit()
         memory.frames_seen += 1
         return hidden

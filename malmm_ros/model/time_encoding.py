@@ -46,6 +46,8 @@ class RelativeTimeBias(nn.Module):
 
     def forward(self, ages_s: torch.Tensor) -> torch.Tensor:
         """ages_s [B, S] -> bias [B, heads, 1, S], broadcast over the queries."""
-        buckets = age_buckets(ages_s, self.num_buckets, self.max_age_s)
-        bias = self.table[buckets]  # (B, S, heads)
-        return bias.permute(0, 2, 1).unsqueeze(2)
+        return self.from_buckets(age_buckets(ages_s, self.num_buckets, self.max_age_s))
+
+    def from_buckets(self, buckets: torch.Tensor) -> torch.Tensor:
+        """Precomputed buckets [B, S] -> bias [B, heads, 1, S] (buckets shared across layers)."""
+        return self.table[buckets].permute(0, 2, 1).unsqueeze(2)  # (B, S, h) -> (B, h, 1, S)

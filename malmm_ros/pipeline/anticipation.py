@@ -48,7 +48,8 @@ class AnticipationPipeline:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
         self.encoder = encoder if encoder is not None else create_encoder(
-            config.backend, device=config.device)
+            config.backend, device=config.device, threads=config.num_threads,
+            precision=config.precision, engine_dir=config.engine_dir or None)
         if config.checkpoint:
             self.model = load_checkpoint(config.checkpoint, config.model, device=self.device)
             self.trained = True

@@ -14,9 +14,11 @@ __all__ = ['TorchEncoder']
 class TorchEncoder:
     """Runs uint8 RGB frames [B, 224, 224, 3] through EfficientNet-Lite0 -> [B, 49, 1280]."""
 
-    def __init__(self, device: str = 'cpu') -> None:
+    def __init__(self, device: str = 'cpu', *, threads: int = 0) -> None:
         if device == 'cuda' and not torch.cuda.is_available():
             raise ConfigError('device "cuda" requested but torch sees no CUDA GPU')
+        if threads:
+            torch.set_num_threads(threads)
         self.device = torch.device(device)
         # fp16 on a GPU halves memory traffic; the CPU keeps fp32 (fp16 is slow there).
         self.dtype = torch.float16 if self.device.type == 'cuda' else torch.float32

@@ -290,8 +290,11 @@ def test_stream_memory_reset_clears_every_bank() -> None:
     memory = StreamMemory(3, 2, visual_fields={'a': 2}, query_fields={'b': 3})
     for i in range(5):
         memory.visual.append(torch.randn(1, 4, 6), float(i), {'a': torch.randn(1, 4, 2)})
-        for bank in memory.queries:
-            bank.append(torch.randn(1, 8, 5), float(i), {'b': torch.randn(1, 8, 3)})
+        memory.query_bank.open_slot(float(i), torch.zeros(1, 8, 5))
+        for layer in range(3):
+            memory.query_bank.write('tokens', torch.randn(1, 8, 5), layer)
+            memory.query_bank.write('b', torch.randn(1, 8, 3), layer)
+        memory.query_bank.commit()
         memory.frames_seen += 1
     assert len(memory) == 2
     assert [len(bank) for bank in memory.queries] == [2, 2, 2]
@@ -379,3 +382,41 @@ def test_merging_commutes_with_an_affine_map(capacity: int, width: int, out: int
             bank.append(tokens[i], float(i), {'p': linear(tokens[i])})
             projected = bank.ordered('p')
             assert torch.allclose(projected, linear(bank.tokens), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize('capacity', [1, 4, None])
+def test_grouped_bank_equals_separate_banks(capacity: int | None) -> None:
+    """Stacked groups (the per-layer query banks) behave exactly like independent banks."""
+    generator = torch.Generator().manual_seed(7)
+    groups, batch, positions, width = 3, 2, 5, 4
+    stacked = MemoryBank(capacity, {'x': 3}, groups=groups)
+    separate = [MemoryBank(capacity, {'x': 3}) for _ in range(groups)]
+    for frame in range(60):
+        tokens = torch.randn(groups, batch, positions, width, generator=generator,
+                             dtype=torch.float64)
+        extra = torch.randn(groups, batch, positions, 3, generator=generator,
+                            dtype=torch.float64)
+        stacked.open_slot(frame * 0.5, tokens[0])
+        for g in range(groups):
+            stacked.write('tokens', tokens[g], g)
+            stacked.write('x', extra[g], g)
+            separate[g].append(tokens[g], frame * 0.5, {'x': extra[g]})
+        stacked.commit()
+    for g, bank in enumerate(separate):
+        rows = stacked.rows(g)
+        assert len(rows) == len(bank)
+        assert torch.equal(rows.tokens, bank.tokens)
+        assert torch.equal(rows.ordered('x'), bank.ordered('x'))
+        assert torch.equal(rows.counts, bank.counts)
+        assert torch.equal(rows.times, bank.times)
+
+
+def test_grouped_bank_refuses_single_group_calls() -> None:
+    bank = MemoryBank(3, groups=2)
+    with pytest.raises(RuntimeError, match='single-group'):
+        bank.add_frame(torch.zeros(1, 2, 3), 0.0)
+    bank.open_slot(0.0, torch.zeros(1, 2, 3))
+    with pytest.raises(IndexError, match='group 2'):
+        bank.write('tokens', torch.zeros(1, 2, 3), 2)
+    with pytest.raises(RuntimeError, match='without commit'):
+        bank.open_slot(1.0, torch.zeros(1, 2, 3))

@@ -294,7 +294,7 @@ def test_integer_change_of_a_float_field_becomes_float(declared: Node) -> None:
     ({'memory_bank_length': 0}, r'memory_bank_length must be in \[1, 1000\], got 0'),
     ({'model.num_layers': 49}, r'model.num_layers must be in \[1, 48\], got 49'),
     ({'sample_fps': -1.0}, r'sample_fps must be in'),
-    ({'backend': 'nope'}, r"backend must be one of \['torch', 'auto'\], got 'nope'"),
+    ({'backend': 'nope'}, r"backend must be one of \[.*'torch'.*\], got 'nope'"),
     ({'qos.depth': 'deep'}, r'qos.depth must be of type int'),
     ({'model.num_heads': 5}, r'must be divisible by model.num_heads \(5\)'),
     ({'no_such_parameter': 1}, r'unknown parameter\(s\) no_such_parameter'),

@@ -1,0 +1,73 @@
+"""The ONNX Runtime encoder backend: the CPU default, CUDA/TensorRT providers when present."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from malmm_ros.errors import CheckpointError, FrameError
+from malmm_ros.model.encoder import IMAGE_SIZE
+from malmm_ros.runtime.onnx_export import (
+    INPUT_NAME,
+    ONNX_FILENAME,
+    default_engine_dir,
+    export_onnx,
+)
+
+__all__ = ['OnnxRuntimeEncoder', 'ensure_onnx']
+
+_log = logging.getLogger(__name__)
+
+
+def ensure_onnx(onnx_path: str | os.PathLike | None = None) -> Path:
+    """The encoder's ONNX file: `onnx_path`, or the cached export (exported on first use)."""
+    if onnx_path:
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise CheckpointError(f'ONNX file {path} does not exist (export it with '
+                                  '`malmm-export onnx --out PATH`)')
+        return path
+    path = default_engine_dir() / ONNX_FILENAME
+    if not path.is_file():
+        _log.info('no exported encoder at %s: exporting it once (a few seconds)', path)
+        export_onnx(path)
+    return path
+
+
+class OnnxRuntimeEncoder:
+    """uint8 RGB frames [B, 224, 224, 3] -> float32 tokens [B, 49, 1280] with ONNX Runtime."""
+
+    def __init__(self, onnx_path: str | os.PathLike | None = None, *, threads: int = 0,
+                 providers: list[str] | None = None) -> None:
+        path = ensure_onnx(onnx_path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        providers = providers or ['CPUExecutionProvider']
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise CheckpointError(f'ONNX Runtime providers {missing} are not available here '
+                                  f'(available: {available})')
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise CheckpointError(f'ONNX Runtime cannot load {path}: {exc}') from None
+        self.path = path
+        self.providers = self.session.get_providers()
+        kind = self.providers[0].removesuffix('ExecutionProvider').lower()
+        self.name = f'onnxruntime-{kind}'
+
+    def run(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [B, 224, 224, 3] RGB -> float32 tokens [B, 49, 1280]."""
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (
+                IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise FrameError(f'expected uint8 frames [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got '
+                             f'{frames.dtype} {frames.shape}')
+        return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(frames)})[0]
