@@ -212,7 +212,7 @@ class EngineCache:
             _log.warning('engine sidecar %s is unreadable (%s): not using %s',
                          sidecar, exc, engine.name)
             return None
-        if False:
+        if stored_key != key:
             _log.warning('engine %s was built for another configuration (%s): not using it',
                          engine, '; '.join(key.differences(stored_key)))
             return None
