@@ -49,6 +49,10 @@ class OnnxRuntimeEncoder:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime's idle threads spin by default; the Q-Former (torch) runs right after
+        # each frame in the same process and would find both cores busy spinning.
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        options.add_session_config_entry('session.inter_op.allow_spinning', '0')
         available = ort.get_available_providers()
         providers = providers or ['CPUExecutionProvider']
         missing = [p for p in providers if p not in available]

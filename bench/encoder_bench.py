@@ -1,0 +1,144 @@
+"""Encoder backends side by side: per-frame latency, and the whole pipeline step with each.
+
+For every backend available here (torch eager, ONNX Runtime CPU; torch CUDA, ONNX Runtime CUDA
+and TensorRT where a GPU and the packages exist) and thread counts 1 and 2: batch-1 latency on
+real frames after warm-up, timed round-robin so machine noise hits every row alike. Then the
+edge pipeline step (encoder + memory + Q-Former + heads, M = 20, bank full) with each backend.
+
+    .venv/bin/python bench/encoder_bench.py [--frames 200] [--steps 100]
+
+Prints markdown tables (docs/PERFORMANCE.md keeps them with the machine they ran on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from malmm_ros.config import AnticipateConfig
+from malmm_ros.data.sample_stream import panning_frames
+from malmm_ros.errors import MalmmError
+from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.pipeline import AnticipationPipeline
+from malmm_ros.runtime import create_encoder
+
+
+def _cpu_model() -> str:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+        if line.startswith('model name'):
+            return line.split(':', 1)[1].strip()
+    return platform.processor() or 'unknown'
+
+
+def _candidates() -> list[tuple[str, str, dict]]:
+    """(label, backend, options) for every backend that can run here."""
+    rows = []
+    for threads in (1, 2):
+        rows.append((f'torch cpu fp32, {threads} thread(s)', 'torch',
+                     {'device': 'cpu', 'threads': threads}))
+        rows.append((f'onnxruntime cpu, {threads} thread(s)', 'onnxruntime',
+                     {'device': 'cpu', 'threads': threads}))
+    if torch.cuda.is_available():
+        rows.append(('torch cuda fp16', 'torch', {'device': 'cuda'}))
+        rows.append(('onnxruntime cuda', 'onnxruntime', {'device': 'cuda'}))
+        rows.append(('tensorrt fp16', 'tensorrt', {'device': 'cuda', 'precision': 'fp16'}))
+    return rows
+
+
+def _time_encoders(frames: np.ndarray, count: int) -> list[tuple[str, float, float, str]]:
+    runners = []
+    for label, backend, options in _candidates():
+        try:
+            runners.append((label, create_encoder(backend, **options), options))
+        except MalmmError as exc:
+            runners.append((label, None, {'why': str(exc).splitlines()[0]}))
+    times: dict[str, list[float]] = {label: [] for label, runner, _ in runners if runner}
+    for _label, runner, options in runners:  # warm-up
+        if runner is not None:
+            torch.set_num_threads(options.get('threads') or torch.get_num_threads())
+            for i in range(10):
+                runner.run(frames[i % len(frames)][None])
+    for i in tqdm(range(count), desc='encoders', unit='frame'):
+        frame = frames[i % len(frames)][None]
+        for label, runner, options in runners:  # round-robin: noise hits every row alike
+            if runner is None:
+                continue
+            if options.get('threads'):
+                torch.set_num_threads(options['threads'])
+            start = time.perf_counter()
+            runner.run(frame)
+            times[label].append((time.perf_counter() - start) * 1e3)
+    rows = []
+    for label, runner, options in runners:
+        if runner is None:
+            rows.append((label, float('nan'), float('nan'), f'not run: {options["why"]}'))
+        else:
+            rows.append((label, statistics.median(times[label]),
+                         float(np.percentile(times[label], 95)), runner.name))
+    return rows
+
+
+def _time_pipelines(images: list[np.ndarray], steps: int) -> list[tuple[str, dict]]:
+    """Median latency parts of the edge pipeline step (bank full) for each CPU backend."""
+    out = []
+    for backend in ('onnxruntime', 'torch'):
+        config = AnticipateConfig().replace(backend=backend, num_threads=2, sample_fps=0.0)
+        pipeline = AnticipationPipeline(config)
+        parts: dict[str, list[float]] = {'encoder': [], 'memory': [], 'heads': [],
+                                         'total': []}
+        for i in tqdm(range(config.memory_bank_length + 5 + steps), desc=f'pipeline {backend}',
+                      unit='step'):
+            prediction = pipeline.push(images[i % len(images)], i * 1_000_000_000)
+            if i >= config.memory_bank_length + 5 and prediction is not None:
+                for key in parts:
+                    parts[key].append(prediction.latency_ms[key])
+        out.append((f'{backend} ({pipeline.encoder.name})',
+                    {k: statistics.median(v) for k, v in parts.items()}))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--frames', type=int, default=200, help='timed frames per encoder')
+    parser.add_argument('--steps', type=int, default=100, help='timed pipeline steps')
+    args = parser.parse_args()
+    images = [image for image, _ in panning_frames(8, 4, size=(480, 640))]
+    frames = np.stack([resize_and_crop(image) for image in images])
+
+    print(f'Machine: {_cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; '
+          f'python {sys.version.split()[0]}\n')
+    print('## Encoder alone (batch 1, 224x224, after warm-up)\n')
+    print('| backend | median ms | p95 ms | runner |')
+    print('|---|---|---|---|')
+    rows = _time_encoders(frames, args.frames)
+    for label, median, p95, name in rows:
+        print(f'| {label} | {median:.2f} | {p95:.2f} | {name} |')
+    medians = {label: median for label, median, _, _ in rows}
+    ort2, torch2 = medians['onnxruntime cpu, 2 thread(s)'], medians['torch cpu fp32, 2 thread(s)']
+    print(f'\nONNX Runtime vs torch eager (2 threads): {torch2 / ort2:.2f}x faster; '
+          f'target: ONNX Runtime <= 6 ms ({"met" if ort2 <= 6 else "NOT met"}: {ort2:.2f} ms) '
+          f'and >= 2x faster ({"met" if torch2 / ort2 >= 2 else "NOT met"})\n')
+
+    print('## Edge pipeline step (M = 20, bank full, 2 threads), medians in ms\n')
+    print('| backend | encoder | memory + Q-Former | heads | total | total / encoder |')
+    print('|---|---|---|---|---|---|')
+    for label, parts in _time_pipelines(images, args.steps):
+        print(f'| {label} | {parts["encoder"]:.2f} | {parts["memory"]:.2f} | '
+              f'{parts["heads"]:.2f} | {parts["total"]:.2f} | '
+              f'{parts["total"] / parts["encoder"]:.2f} |')
+    print('\nTarget: edge step with the onnxruntime encoder <= 1.5x the encoder alone '
+          '(the encoder column includes resize and crop).')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
