@@ -132,7 +132,8 @@ class AnticipateConfig:
                             'the checkout\'s engines/ or ~/.cache/malmm_ros/engines')
     checkpoint: str = _spec('', 'trained safetensors checkpoint; empty: untrained heads')
     device: str = _spec('cpu', 'torch device for the model', choices=('cpu', 'cuda'))
-    num_threads: int = _spec(0, 'torch intra-op threads (0: library default)', 0, 256)
+    num_threads: int = _spec(0, 'compute threads of the encoder and Q-Former (0: all cores but '
+                             'one, leaving room for the camera driver and DDS)', 0, 256)
     max_gap_s: float = _spec(10.0, 'a stamp gap longer than this resets the memory (0: never)',
                              0.0, 1e6)
     input_transport: str = _spec('raw', 'raw: sensor_msgs/Image on `image`; compressed: '
@@ -148,6 +149,14 @@ class AnticipateConfig:
 
     def __post_init__(self) -> None:
         _validate(self, '')
+
+    def threads(self) -> int:
+        """num_threads, with 0 resolved to all cores but one (at least one).
+
+        Using every core is a trap on a shared robot computer: an OpenMP worker descheduled by
+        another process stalls every parallel region (measured here: 10 ms per tiny op).
+        """
+        return self.num_threads or max(1, (os.cpu_count() or 2) - 1)
 
     def replace(self, **changes: Any) -> AnticipateConfig:
         """A copy with top-level fields changed (validated again)."""

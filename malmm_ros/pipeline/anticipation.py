@@ -44,11 +44,10 @@ class AnticipationPipeline:
 
     def __init__(self, config: AnticipateConfig, *, encoder: Any | None = None) -> None:
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        torch.set_num_threads(config.threads())
         self.device = torch.device(config.device)
         self.encoder = encoder if encoder is not None else create_encoder(
-            config.backend, device=config.device, threads=config.num_threads,
+            config.backend, device=config.device, threads=config.threads(),
             precision=config.precision, engine_dir=config.engine_dir or None)
         if config.checkpoint:
             self.model = load_checkpoint(config.checkpoint, config.model, device=self.device)
@@ -109,8 +108,8 @@ class AnticipationPipeline:
             raise ValueError(f'{", ".join(others)} cannot change on a running pipeline')
         if config.sample_fps != self.config.sample_fps:
             self.sampler = FrameSampler(config.sample_fps)
-        if config.num_threads and config.num_threads != self.config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        if config.threads() != self.config.threads():
+            torch.set_num_threads(config.threads())
         self.config = config
 
     def reset(self) -> None:

@@ -29,7 +29,12 @@ from malmm_ros.ros.diagnostics import NodeStats, diagnostic_array
 from malmm_ros.ros.image_codec import decode_compressed, decode_image, encode_bgr8
 from malmm_ros.ros.latest_slot import LatestSlot
 from malmm_ros.ros.overlay import draw_overlay
-from malmm_ros.ros.parameters import READ_ONLY, config_from_parameters, declare_config_parameters
+from malmm_ros.ros.parameters import (
+    READ_ONLY,
+    config_from_parameters,
+    declare_config_parameters,
+    field_specs,
+)
 
 __all__ = ['AnticipateNode', 'main']
 
@@ -115,6 +120,8 @@ class AnticipateNode(Node):
         """~/reset: forget the stream (memory, sampling grid)."""
         with self._pipeline_lock:
             self.pipeline.reset()
+        with self.stats.lock:
+            self.stats.memory_slots = 0
         self.slot.clear()
         self.sampler.reset()
         self._last_prediction = None
@@ -124,7 +131,11 @@ class AnticipateNode(Node):
 
     def parameters_callback(self, params: list) -> SetParametersResult:
         """Apply a parameter change whole or refuse it with the reason; never half-apply."""
-        changes = {p.name: p.value for p in params}
+        # Only the config schema's parameters concern us; others (use_sim_time) pass through.
+        schema = field_specs()
+        changes = {p.name: p.value for p in params if p.name in schema}
+        if not changes:
+            return SetParametersResult(successful=True)
         frozen = sorted(set(changes) & READ_ONLY)
         if frozen:
             return SetParametersResult(successful=False, reason=f'{", ".join(frozen)} cannot '
@@ -140,6 +151,8 @@ class AnticipateNode(Node):
                 except ValueError:  # a model setting: build the new pipeline, then swap
                     self.pipeline = _pipeline(config)
                     self._publish_labels()
+                    with self.stats.lock:
+                        self.stats.memory_slots = 0
         except MalmmError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         if config.sample_fps != self.config.sample_fps:
@@ -152,7 +165,6 @@ class AnticipateNode(Node):
         self.diagnostics_pub.publish(diagnostic_array(
             self.get_clock().now().to_msg(), name=f'{self.get_name()}: anticipation',
             hardware_id=pipeline.encoder.name, stats=self.stats, dropped=self.slot.dropped,
-            resets=pipeline.stats['resets'], memory_slots=len(pipeline.memory),
             backend=pipeline.encoder.name, device=self.config.device,
             trained=pipeline.trained, stale_after_s=self.config.stale_after_s))
 
@@ -173,8 +185,11 @@ class AnticipateNode(Node):
                 image = decode_image(msg.encoding, msg.width, msg.height, msg.step,
                                      bool(msg.is_bigendian), msg.data, max_side=side)
             with self._pipeline_lock:
+                resets_before = self.pipeline.stats['resets']
                 prediction = self.pipeline.push(image, _stamp_ns(msg), msg.header.frame_id)
                 latency = self.pipeline.last_latency_ms
+                resets = self.pipeline.stats['resets'] - resets_before
+                slots = len(self.pipeline.memory)
         except FrameError as exc:
             with self.stats.lock:
                 self.stats.bad_frames += 1
@@ -183,6 +198,8 @@ class AnticipateNode(Node):
             return
         with self.stats.lock:
             self.stats.processed += 1
+            self.stats.resets += resets
+            self.stats.memory_slots = slots
             self.stats.step_ms.append(sum(latency.values()))
         if prediction is not None:
             self._last_prediction = prediction

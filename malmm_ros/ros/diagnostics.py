@@ -22,6 +22,8 @@ class NodeStats:
     processed: int = 0
     predictions: int = 0
     bad_frames: int = 0
+    resets: int = 0  # over the node's life (pipelines rebuilt by parameter changes included)
+    memory_slots: int = 0  # after the newest step (a bank holds M + 1 slots during a step)
     last_frame_time: float | None = None  # monotonic seconds of the newest arrival
     started: float = field(default_factory=time.monotonic)
     step_ms: deque = field(default_factory=lambda: deque(maxlen=200))
@@ -39,7 +41,7 @@ class NodeStats:
 
 
 def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dropped: int,
-                     resets: int, memory_slots: int, backend: str, device: str, trained: bool,
+                     backend: str, device: str, trained: bool,
                      stale_after_s: float) -> DiagnosticArray:
     """One DiagnosticStatus: OK, WARN (untrained or dropping) or ERROR (no frames lately)."""
     with stats.lock:
@@ -50,13 +52,14 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
             'input_rate_hz': f'{input_hz:.2f}', 'processed_rate_hz': f'{processed_hz:.2f}',
             'frames_in': stats.frames_in, 'frames_sampled': stats.frames_sampled,
             'processed': stats.processed, 'predictions': stats.predictions,
-            'dropped': dropped, 'bad_frames': stats.bad_frames, 'resets': resets,
+            'dropped': dropped, 'bad_frames': stats.bad_frames, 'resets': stats.resets,
+            'memory_slots': stats.memory_slots,
         }
     values['step_latency_p50_ms'] = f'{np.percentile(steps, 50):.2f}' if steps is not None \
         else 'n/a'
     values['step_latency_p95_ms'] = f'{np.percentile(steps, 95):.2f}' if steps is not None \
         else 'n/a'
-    values.update(memory_slots=memory_slots, backend=backend, device=device, trained=trained)
+    values.update(backend=backend, device=device, trained=trained)
 
     since = time.monotonic() - (last if last is not None else stats.started)
     if since > stale_after_s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from malmm_ros.errors import FrameError
 
@@ -90,6 +91,16 @@ def decode_compressed(fmt: str, data: bytes | bytearray | memoryview | np.ndarra
     size = _header_size(buffer)
     if size is not None:  # refuse a decompression bomb before allocating it
         _check_size(size[0], size[1], max_side)
+    if buffer[:2].tobytes() == b'\xff\xd8':
+        # libjpeg only *warns* about corrupt scan data and OpenCV then returns a half-decoded
+        # frame; simplejpeg's strict mode turns those warnings into errors.
+        try:
+            image = simplejpeg.decode_jpeg(buffer.tobytes(), colorspace='RGB', strict=True)
+        except ValueError as exc:
+            raise FrameError(f'cannot decode {fmt or "jpeg"} image of {buffer.size} bytes '
+                             f'(truncated or corrupt): {exc}') from None
+        _check_size(image.shape[1], image.shape[0], max_side)
+        return image
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is None:
         raise FrameError(f'cannot decode {fmt or "compressed"} image of {buffer.size} bytes '
