@@ -34,6 +34,8 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) bench/stream_bench.py
+	$(PY) bench/encoder_bench.py
+	$(PY) bench/node_bench.py
 
 clean:
 	rm -rf $(VENV) build install log *.egg-info

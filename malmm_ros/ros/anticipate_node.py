@@ -147,7 +147,7 @@ class AnticipateNode(Node):
         try:
             with self._pipeline_lock:
                 try:
-                    self.pipeline.apply_settings(config)
+                    self.pipeline.apply_settings(config.replace(sample_fps=0.0))
                 except ValueError:  # a model setting: build the new pipeline, then swap
                     self.pipeline = _pipeline(config)
                     self._publish_labels()
@@ -173,8 +173,17 @@ class AnticipateNode(Node):
     def _inference_loop(self) -> None:
         while not self._stop.is_set():
             msg = self.slot.take(timeout=0.2)
-            if msg is not None:
+            if msg is None:
+                continue
+            try:
                 self._process(msg)
+            except Exception as exc:  # the worker must outlive any one frame
+                if self._stop.is_set() or not self.context.ok():
+                    return  # shutting down (SIGINT/SIGTERM): nothing left to publish to
+                with self.stats.lock:
+                    self.stats.errors += 1
+                self.get_logger().error(f'inference step failed: {exc!r}',
+                                        throttle_duration_sec=THROTTLE_S)
 
     def _process(self, msg: Image | CompressedImage) -> None:
         side = self.config.max_image_side

@@ -22,6 +22,7 @@ class NodeStats:
     processed: int = 0
     predictions: int = 0
     bad_frames: int = 0
+    errors: int = 0  # unexpected failures of an inference step (logged, then skipped)
     resets: int = 0  # over the node's life (pipelines rebuilt by parameter changes included)
     memory_slots: int = 0  # after the newest step (a bank holds M + 1 slots during a step)
     last_frame_time: float | None = None  # monotonic seconds of the newest arrival
@@ -53,7 +54,7 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
             'frames_in': stats.frames_in, 'frames_sampled': stats.frames_sampled,
             'processed': stats.processed, 'predictions': stats.predictions,
             'dropped': dropped, 'bad_frames': stats.bad_frames, 'resets': stats.resets,
-            'memory_slots': stats.memory_slots,
+            'memory_slots': stats.memory_slots, 'errors': stats.errors,
         }
     values['step_latency_p50_ms'] = f'{np.percentile(steps, 50):.2f}' if steps is not None \
         else 'n/a'
