@@ -138,6 +138,8 @@ class MemoryQFormer(nn.Module):
 
         The frame's tokens and each layer's input query states join the memory (detached: no
         backpropagation through time, as in MA-LMM); each bank compresses once if over M.
+        The cached projections are read only with autograd off: run inference under
+        torch.inference_mode() (the pipeline does), or every stored frame is projected again.
         """
         if len(memory.queries) != len(self.layers):
             raise ValueError(
