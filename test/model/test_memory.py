@@ -12,14 +12,7 @@ from torch import nn
 
 from malmm_ros.model.memory import MemoryBank, StreamMemory, memory_bank_compress
 
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to CPU contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 TOL = 1e-12
 TIE = 1e-12  # similarities this close to the best are ties (rounding noise); the first wins

@@ -26,14 +26,7 @@ TOKENS = 7  # visual token positions per frame
 BATCH = 2
 TIE = 1e-12
 
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to CPU contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 # -- reference MBC (same rule as test_memory.py's, kept local so each file stands alone) -------

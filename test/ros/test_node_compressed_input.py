@@ -13,7 +13,13 @@ import cv2
 import numpy as np
 import pytest
 from node_helpers.frames import overlay_rgb, photo
-from node_helpers.ros_driver import RELIABLE, NodeSession, compressed_image, stamp_ns_of
+from node_helpers.ros_driver import (
+    RELIABLE,
+    NodeSession,
+    compressed_image,
+    running_session,
+    stamp_ns_of,
+)
 from sensor_msgs.msg import CompressedImage, Image
 
 DOMAIN_ID = 222
@@ -23,13 +29,8 @@ PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=8']
 
 @pytest.fixture(scope='module')
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeSession]:
-    session = NodeSession(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('compressed_node'),
-                          compressed=True)
-    try:
-        session.wait_ready()
-        yield session
-    finally:
-        session.close()
+    yield from running_session(DOMAIN_ID, PARAMS, compressed=True,
+                               log_dir=tmp_path_factory.mktemp('compressed_node'))
 
 
 @pytest.fixture(scope='module')

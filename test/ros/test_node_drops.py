@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticStatus
 from node_helpers.frames import photo
-from node_helpers.ros_driver import CameraStream, NodeSession, raw_image
+from node_helpers.ros_driver import CameraStream, NodeSession, raw_image, running_session
 
 DOMAIN_ID = 224
 PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=20']
@@ -26,12 +26,7 @@ WARN = int.from_bytes(DiagnosticStatus.WARN, 'little')
 
 @pytest.fixture(scope='module')
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeSession]:
-    session = NodeSession(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('drops_node'))
-    try:
-        session.wait_ready()
-        yield session
-    finally:
-        session.close()
+    yield from running_session(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('drops_node'))
 
 
 def _values(status: dict) -> dict[str, int]:

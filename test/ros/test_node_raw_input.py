@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from node_helpers.frames import BYTES_PER_PIXEL, UYVY, YUYV, overlay_rgb, pack_raw, photo
-from node_helpers.ros_driver import RELIABLE, NodeSession, raw_image, stamp_ns_of
+from node_helpers.ros_driver import RELIABLE, NodeSession, raw_image, running_session, stamp_ns_of
 from sensor_msgs.msg import Image
 
 DOMAIN_ID = 221
@@ -25,12 +25,7 @@ PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=8',
 
 @pytest.fixture(scope='module')
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeSession]:
-    session = NodeSession(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('raw_node'))
-    try:
-        session.wait_ready()
-        yield session
-    finally:
-        session.close()
+    yield from running_session(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('raw_node'))
 
 
 @pytest.fixture(scope='module')

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from node_helpers.frames import photo
-from node_helpers.ros_driver import NodeSession, compressed_image, raw_image
+from node_helpers.ros_driver import NodeSession, compressed_image, raw_image, running_session
 
 DOMAIN_ID = 227  # the compressed node
 RAW_DOMAIN_ID = 228  # the raw node
@@ -25,13 +25,8 @@ PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=8']
 
 @pytest.fixture(scope='module')
 def compressed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeSession]:
-    session = NodeSession(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('bugs_node'),
-                          compressed=True)
-    try:
-        session.wait_ready()
-        yield session
-    finally:
-        session.close()
+    yield from running_session(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('bugs_node'),
+                               compressed=True)
 
 
 def _jpeg_with_corrupt_scan() -> bytes:
@@ -74,13 +69,8 @@ def test_jpeg_with_corrupt_scan_data_is_a_bad_frame(compressed: NodeSession) -> 
 
 @pytest.fixture(scope='module')
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeSession]:
-    session = NodeSession(RAW_DOMAIN_ID, ['sample_fps:=0.0', 'memory_bank_length:=2'],
-                          log_dir=tmp_path_factory.mktemp('bugs_raw_node'))
-    try:
-        session.wait_ready()
-        yield session
-    finally:
-        session.close()
+    yield from running_session(RAW_DOMAIN_ID, ['sample_fps:=0.0', 'memory_bank_length:=2'],
+                               log_dir=tmp_path_factory.mktemp('bugs_raw_node'))
 
 
 # Regression: /diagnostics must never report more than M memory slots (a bank holds M + 1

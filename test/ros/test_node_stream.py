@@ -24,6 +24,7 @@ from node_helpers.ros_driver import (
     RELIABLE,
     NodeSession,
     raw_image,
+    running_session,
     stamp_ns_of,
 )
 from sensor_msgs.msg import Image
@@ -43,12 +44,7 @@ STATUS_KEYS = {'input_rate_hz', 'processed_rate_hz', 'frames_in', 'processed', '
 
 @pytest.fixture(scope='module')
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeSession]:
-    session = NodeSession(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('stream_node'))
-    try:
-        session.wait_ready()
-        yield session
-    finally:
-        session.close()
+    yield from running_session(DOMAIN_ID, PARAMS, log_dir=tmp_path_factory.mktemp('stream_node'))
 
 
 def frame(index: int = 0, frame_id: str = 'test_camera'):

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -518,3 +518,14 @@ class NodeSession:
                                     process=self.process)
         return {name: parameter_value_to_python(value)
                 for name, value in zip(names, response.values, strict=True)}
+
+
+def running_session(domain_id: int, params: Sequence[str], *, log_dir: Path,
+                    compressed: bool = False) -> Iterator[NodeSession]:
+    """A ready NodeSession for a pytest fixture (`yield from`), closed whatever happens."""
+    session = NodeSession(domain_id, params, log_dir=log_dir, compressed=compressed)
+    try:
+        session.wait_ready()
+        yield session
+    finally:
+        session.close()
