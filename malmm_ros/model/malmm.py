@@ -60,9 +60,11 @@ class MalmmModel(nn.Module):
             config.hidden_size, labels.num_verbs, labels.num_nouns, labels.num_actions
         )
 
-    def new_memory(self, capacity: int | None, *, cache_projections: bool = True) -> StreamMemory:
+    def new_memory(self, capacity: int | None, *, cache_projections: bool = True,
+                   policy: str = 'mbc', query_memory: bool = True) -> StreamMemory:
         """An empty memory for one stream (see MemoryQFormer.new_memory)."""
-        return self.qformer.new_memory(capacity, cache_projections=cache_projections)
+        return self.qformer.new_memory(capacity, cache_projections=cache_projections,
+                                       policy=policy, query_memory=query_memory)
 
     def step(self, tokens: torch.Tensor, now_s: float, memory: StreamMemory) -> torch.Tensor:
         """Encoder tokens [B, P, F] of the frame at now_s -> query outputs [B, Q, D]."""

@@ -106,6 +106,9 @@ class MemoryBank:
     as the cached key/value projections of the attention layers reading this bank.
     capacity=None never compresses (the no-compression baseline of the benchmark).
 
+    `policy` says what happens when the bank is over capacity: 'mbc' merges the most similar
+    adjacent pair (MA-LMM); 'fifo' drops the oldest slot, the baseline of the memory ablation.
+
     `groups` stacks several independent banks that receive frames at the same times (the
     per-layer query banks) along the batch dimension, so one `commit` compresses them all:
     each (group, batch, position) still merges its own most similar pair.
@@ -116,8 +119,13 @@ class MemoryBank:
     bank now holds more than `capacity` frames.
     """
 
+    POLICIES = ('mbc', 'fifo')
+
     def __init__(self, capacity: int | None, fields: Mapping[str, int] | None = None, *,
-                 groups: int = 1) -> None:
+                 groups: int = 1, policy: str = 'mbc') -> None:
+        if policy not in self.POLICIES:
+            raise ValueError(f'memory policy must be one of {self.POLICIES}, got {policy!r}')
+        self.policy = policy
         if capacity is not None and capacity < 1:
             raise ValueError(f'memory capacity must be >= 1 or None, got {capacity}')
         if groups < 1:
@@ -270,11 +278,17 @@ class MemoryBank:
         assert self._data is not None and self._counts is not None and self._times is not None
         assert self._order is not None and self._sims is not None
         length = self._len
-        k = self._sims[:, :length - 1].argmax(dim=1, keepdim=True)  # (R, 1, N)
+        if self.policy == 'fifo':  # the second oldest takes the oldest's place: oldest dropped
+            k = torch.zeros_like(self._sims[:, :1], dtype=torch.long)
+        else:
+            k = self._sims[:, :length - 1].argmax(dim=1, keepdim=True)  # (R, 1, N)
         keep = self._order.gather(1, k)  # physical slots: merged into `keep`, `drop` freed
         drop = self._order.gather(1, k + 1)
         c_keep, c_drop = self._counts.gather(1, keep), self._counts.gather(1, drop)
         w_drop = c_drop / (c_keep + c_drop)
+        if self.policy == 'fifo':
+            w_drop = torch.ones_like(w_drop)
+            c_keep = torch.zeros_like(c_keep)
         # first + w * (second - first): equal slots stay bit-identical, so exact ties keep
         # breaking towards the earliest pair whatever the float type or device.
         first = self._gather(None, keep)
@@ -448,6 +462,8 @@ class StreamMemory:
     every bank together (the public code resets query banks on a frame counter instead).
     The per-layer query banks live stacked in `query_bank` (one compression call per step for
     all layers); `queries[l]` shows layer l's bank on its own.
+    `policy` and `query_memory` exist for the memory ablation (bench/memory_ablation.py); the
+    node always runs MBC with both banks.
     With cache_projections the banks also keep each attention layer's key/value projections of
     stored frames; without it every step recomputes them, as the public code does.
     """
@@ -460,13 +476,19 @@ class StreamMemory:
         visual_fields: Mapping[str, int] | None = None,
         query_fields: Mapping[str, int] | None = None,
         cache_projections: bool = True,
+        policy: str = 'mbc',
+        query_memory: bool = True,
     ) -> None:
-        self.visual = MemoryBank(capacity, visual_fields if cache_projections else None)
+        self.visual = MemoryBank(capacity, visual_fields if cache_projections else None,
+                                 policy=policy)
         self.query_bank = MemoryBank(capacity, query_fields if cache_projections else None,
-                                     groups=num_layers)
+                                     groups=num_layers, policy=policy)
         self.queries = [self.query_bank.rows(layer) for layer in range(num_layers)]
         self.capacity = capacity
         self.cache_projections = cache_projections
+        self.policy = policy
+        # False: self-attention sees only the current queries (the visual-bank-only ablation).
+        self.query_memory = query_memory
         self.frames_seen = 0
 
     def reset(self) -> None:

@@ -117,7 +117,8 @@ class MemoryQFormer(nn.Module):
         self.embed_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
         self.layers = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_layers))
 
-    def new_memory(self, capacity: int | None, *, cache_projections: bool = True) -> StreamMemory:
+    def new_memory(self, capacity: int | None, *, cache_projections: bool = True,
+                   policy: str = 'mbc', query_memory: bool = True) -> StreamMemory:
         """An empty memory shaped for this Q-Former (capacity None: never compress)."""
         width = self.config.hidden_size
         visual_fields = {}
@@ -131,6 +132,8 @@ class MemoryQFormer(nn.Module):
             visual_fields=visual_fields,
             query_fields={'self.k': width, 'self.v': width},
             cache_projections=cache_projections,
+            policy=policy,
+            query_memory=query_memory,
         )
 
     def step(self, visual: torch.Tensor, now_s: float, memory: StreamMemory) -> torch.Tensor:
@@ -163,7 +166,10 @@ class MemoryQFormer(nn.Module):
             if layer.cross_attention is not None:
                 hidden = layer.cross_attention(hidden, visual, visual_bank, visual_buckets)
             hidden = layer.feed_forward(hidden)
-        query_bank.commit()
+        if memory.query_memory:
+            query_bank.commit()
+        else:
+            query_bank.reset()
         visual_bank.commit()
         memory.frames_seen += 1
         return hidden

@@ -413,3 +413,37 @@ def test_grouped_bank_refuses_single_group_calls() -> None:
         bank.write('tokens', torch.zeros(1, 2, 3), 2)
     with pytest.raises(RuntimeError, match='without commit'):
         bank.open_slot(1.0, torch.zeros(1, 2, 3))
+
+
+# -- FIFO policy (the memory ablation's baseline) ---------------------------------------------
+
+
+@pytest.mark.parametrize('capacity', [1, 3, 6])
+def test_fifo_keeps_exactly_the_newest_frames(capacity: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    frames = torch.randn(20, 2, 4, 3, generator=gen, dtype=torch.float64)
+    bank = MemoryBank(capacity, {'k': 2}, policy='fifo')
+    for t, frame in enumerate(frames):
+        bank.append(frame, float(t), {'k': frame[..., :2] * 3.0})
+    kept = frames[-capacity:].transpose(0, 1)  # (B, capacity, N, C), oldest first
+    torch.testing.assert_close(bank.tokens, kept, rtol=0, atol=1e-12)
+    torch.testing.assert_close(bank.ordered('k'), kept[..., :2] * 3.0, rtol=0, atol=1e-12)
+    expected_times = torch.arange(20 - capacity, 20, dtype=torch.float64)
+    torch.testing.assert_close(bank.times, expected_times.view(1, -1, 1).expand(2, -1, 4))
+    assert torch.equal(bank.counts, torch.ones(2, capacity, 4, dtype=torch.float64))
+
+
+def test_fifo_and_mbc_differ_where_similar_frames_are_not_the_oldest() -> None:
+    # Frames 1 and 2 are identical: MBC merges them and keeps frame 0; FIFO drops frame 0.
+    frames = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    banks = {policy: MemoryBank(2, policy=policy) for policy in ('mbc', 'fifo')}
+    for t, frame in enumerate(frames):
+        for bank in banks.values():
+            bank.append(frame.view(1, 1, 2), float(t))
+    torch.testing.assert_close(banks['mbc'].tokens[0, :, 0], frames[:2])
+    torch.testing.assert_close(banks['fifo'].tokens[0, :, 0], frames[1:])
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match='policy'):
+        MemoryBank(3, policy='lifo')

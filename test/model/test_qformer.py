@@ -466,3 +466,24 @@ def test_blip2_preset_geometry() -> None:
     assert q.layers[1].self_attention.key.weight.shape == (768, 768)
     assert q.layers[0].feed_forward.dense_in.weight.shape == (3072, 768)
     assert q.query_tokens.shape == (1, 32, 768)
+
+
+def test_without_query_memory_self_attention_sees_only_the_current_queries() -> None:
+    q = build(seed=4)
+    xs, times = frames(6, seed=5), irregular_times(6, seed=6)
+    with torch.no_grad():
+        full = q.new_memory(3)
+        visual_only = q.new_memory(3, query_memory=False)
+        for i in range(6):
+            out_full = q.step(xs[i], times[i], full)
+            out_visual = q.step(xs[i], times[i], visual_only)
+            assert len(visual_only.query_bank) == 0
+            assert len(visual_only) == len(full) == min(i + 1, 3)
+        # The first step has no query history either way; later ones differ.
+        assert not torch.allclose(out_full, out_visual)
+        # Equivalent: a fresh query bank every step with the same visual bank.
+        fresh_visual = q.new_memory(3)
+        for i in range(6):
+            fresh_visual.query_bank.reset()
+            expected = q.step(xs[i], times[i], fresh_visual)
+        torch.testing.assert_close(out_visual, expected, rtol=0, atol=1e-12)
