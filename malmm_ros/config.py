@@ -24,6 +24,7 @@ __all__ = [
     'LabelsConfig',
     'ModelConfig',
     'QosConfig',
+    'TextConfig',
     'flatten',
     'load_config',
 ]
@@ -116,6 +117,35 @@ class QosConfig:
 
 
 @dataclass(frozen=True)
+class TextConfig:
+    """Optional descriptions in words from a small local causal LM (off by default).
+
+    The last step's query outputs are projected into the LLM's embedding space and put before
+    the prompt, as in MA-LMM; the LLM is frozen and runs beside the predictions, never in
+    their way.
+    """
+
+    enabled: bool = _spec(False, 'describe the memory in words with a local LLM (needs '
+                          'text.model_path)')
+    model_path: str = _spec('', 'local Hugging Face causal LM folder (config.json, weights, '
+                            'tokenizer); read offline, never downloaded')
+    every_n_predictions: int = _spec(5, 'describe every n-th prediction; a request while the '
+                                     'LLM is still busy is dropped (counted)', 1, 100000)
+    max_new_tokens: int = _spec(24, 'longest description, in tokens', 1, 1024)
+    prompt: str = _spec('Describe what happens next:', 'text after the projected queries; '
+                        'keep the one the projector was trained with')
+    decoding: str = _spec('greedy', 'greedy: one best token at a time; beam: beam search',
+                          choices=('greedy', 'beam'))
+    num_beams: int = _spec(3, 'beams of beam decoding (decoding: beam)', 2, 16)
+
+    def __post_init__(self) -> None:
+        _validate(self, 'text')
+        if self.enabled and not self.model_path.strip():
+            raise ConfigError('text.enabled is true but text.model_path is empty; set it to a '
+                              'local Hugging Face model folder')
+
+
+@dataclass(frozen=True)
 class AnticipateConfig:
     """Everything the pipeline and the node need; mirrors config/anticipate.yaml."""
 
@@ -146,6 +176,7 @@ class AnticipateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     qos: QosConfig = field(default_factory=QosConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         _validate(self, '')
@@ -201,7 +232,8 @@ class AnticipateConfig:
             raise ConfigError(f'{source}: {exc}') from None
 
 
-_GROUPS: dict[str, type] = {'model': ModelConfig, 'labels': LabelsConfig, 'qos': QosConfig}
+_GROUPS: dict[str, type] = {'model': ModelConfig, 'labels': LabelsConfig, 'qos': QosConfig,
+                            'text': TextConfig}
 
 
 def load_config(source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None = None

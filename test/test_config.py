@@ -237,7 +237,8 @@ def test_replace_checks_types(changes: dict, field: str) -> None:
 )
 def test_parameters_round_trip(config: AnticipateConfig, tmp_path: Path) -> None:
     params = config.to_parameters()
-    assert all('.' not in k or k.split('.')[0] in ('model', 'labels', 'qos') for k in params)
+    assert all('.' not in k or k.split('.')[0] in ('model', 'labels', 'qos', 'text')
+               for k in params)
     assert AnticipateConfig.from_dict(params) == config
     assert AnticipateConfig.from_dict(config.to_dict()) == config
     path = tmp_path / 'round.yaml'

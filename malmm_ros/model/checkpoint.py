@@ -3,6 +3,10 @@
 The header's "malmm_ros" entry holds the model architecture, the label maps (EK-100 ids and
 names) and training information, so loading rebuilds the model from the file alone. Nothing is
 ever unpickled. One file keeps the weights and the labels they were trained with together.
+
+A checkpoint may also carry a text projector (malmm_ros.model.text): its tensors live under
+"text_projector." and its metadata (the LLM's name and hidden size, the prompt) under
+"text_projector" in the header. The main model's loading ignores them.
 """
 
 from __future__ import annotations
@@ -20,17 +24,23 @@ from malmm_ros.config import ModelConfig, model_preset
 from malmm_ros.data.labels import LabelMaps
 from malmm_ros.errors import CheckpointError, ConfigError, DataError
 from malmm_ros.model.malmm import MalmmModel
+from malmm_ros.model.text import TextProjector
 
-__all__ = ['CHECKPOINT_FORMAT', 'load_checkpoint', 'read_checkpoint_metadata', 'save_checkpoint']
+__all__ = ['CHECKPOINT_FORMAT', 'TEXT_PROJECTOR_PREFIX', 'load_checkpoint',
+           'load_text_projector', 'read_checkpoint_metadata', 'save_checkpoint']
 
 CHECKPOINT_FORMAT = 'malmm_ros/checkpoint/v1'
 _HEADER_KEY = 'malmm_ros'
+TEXT_PROJECTOR_PREFIX = 'text_projector.'  # tensor names of the optional text projector
+_PROJECTOR_KEY = 'text_projector'  # its metadata section
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: MalmmModel, *, training: dict[str, Any] | None = None
+    path: str | os.PathLike, model: MalmmModel, *, training: dict[str, Any] | None = None,
+    text_projector: TextProjector | None = None,
 ) -> Path:
-    """Write the model's weights and metadata; the file is replaced atomically."""
+    """Write the model's weights and metadata (and a text projector's); the file is replaced
+    atomically."""
     path = Path(path)
     metadata = {
         'format': CHECKPOINT_FORMAT,
@@ -41,6 +51,13 @@ def save_checkpoint(
         'training': training or {},
     }
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    if text_projector is not None:
+        if text_projector.qformer_hidden_size != model.config.hidden_size:
+            raise ValueError(f'text projector takes width {text_projector.qformer_hidden_size}, '
+                             f'the model\'s Q-Former is {model.config.hidden_size} wide')
+        metadata[_PROJECTOR_KEY] = text_projector.metadata()
+        tensors.update({TEXT_PROJECTOR_PREFIX + name: t.detach().float().cpu().contiguous()
+                        for name, t in text_projector.state_dict().items()})
     tmp = path.with_name(path.name + '.tmp')
     save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(metadata)})
     os.replace(tmp, path)
@@ -109,11 +126,7 @@ def load_checkpoint(
                                   + '; '.join(diffs))
         arch = config  # keep the run-time switches of the caller's config
     model = MalmmModel(arch, labels, **dims)
-    try:
-        with safe_open(str(path), framework='pt', device='cpu') as handle:
-            state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f'checkpoint {path}: cannot read tensors: {exc}') from None
+    state = _read_tensors(path, lambda name: not name.startswith(TEXT_PROJECTOR_PREFIX))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -130,3 +143,51 @@ def load_checkpoint(
         raise CheckpointError(f'checkpoint {path} does not fit its model: ' + '; '.join(parts))
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def load_text_projector(path: str | os.PathLike) -> TextProjector | None:
+    """The text projector a checkpoint carries (float32, CPU), or None if it has none.
+
+    Its metadata must be complete and its weights must have the shapes it states; the LLM it
+    was trained for is checked when a describer loads it (TextDescriber.load).
+    """
+    path = Path(path)
+    metadata = read_checkpoint_metadata(path)
+    stored = metadata.get(_PROJECTOR_KEY)
+    if stored is None:
+        return None
+    fields = {'llm_name': str, 'llm_hidden_size': int, 'qformer_hidden_size': int, 'prompt': str}
+    if not isinstance(stored, dict):
+        raise CheckpointError(f'checkpoint {path}: bad metadata: "{_PROJECTOR_KEY}" must be an '
+                              'object')
+    for name, kind in fields.items():
+        value = stored.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is int and value < 1):
+            raise CheckpointError(f'checkpoint {path}: bad metadata: {_PROJECTOR_KEY}.{name} '
+                                  f'must be a{" positive integer" if kind is int else " string"},'
+                                  f' got {value!r}')
+    projector = TextProjector(stored['qformer_hidden_size'], stored['llm_hidden_size'],
+                              llm_name=stored['llm_name'], prompt=stored['prompt'],
+                              source=str(path))
+    state = {name[len(TEXT_PROJECTOR_PREFIX):]: tensor for name, tensor in
+             _read_tensors(path, lambda name: name.startswith(TEXT_PROJECTOR_PREFIX)).items()}
+    expected = projector.state_dict()
+    if set(state) != set(expected) or any(
+            state[name].shape != expected[name].shape for name in expected):
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        wanted = {name: tuple(t.shape) for name, t in expected.items()}
+        raise CheckpointError(f'checkpoint {path}: text projector tensors {found} do not fit '
+                              f'its metadata (expected {wanted})')
+    projector.load_state_dict({name: t.float() for name, t in state.items()})
+    return projector
+
+
+def _read_tensors(path: Path, keep: Any) -> dict[str, torch.Tensor]:
+    """The tensors whose names `keep(name)` accepts."""
+    try:
+        with safe_open(str(path), framework='pt', device='cpu') as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()  # noqa: SIM118
+                    if keep(name)}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f'checkpoint {path}: cannot read tensors: {exc}') from None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from malmm_ros.config import AnticipateConfig, load_config
+from malmm_ros.config import AnticipateConfig, TextConfig, load_config
 from malmm_ros.data.labels import LabelMaps, load_class_csv
 from malmm_ros.errors import FrameError
 from malmm_ros.model.checkpoint import load_checkpoint
@@ -93,9 +93,20 @@ class AnticipationPipeline:
         """Encoder and memory milliseconds of the newest sampled frame (empty before one)."""
         return dict(self._latency)
 
-    # Settings that change how frames are fed, not the model or its memory.
+    @property
+    def last_queries(self) -> torch.Tensor | None:
+        """Query outputs [1, Q, D] of the newest sampled frame (None before one, after reset).
+
+        The next step replaces the tensor and never writes into it, so a reader (the text
+        describer on its own thread) may keep it.
+        """
+        return self._queries
+
+    # Settings that change how frames are fed, not the model or its memory; the text group
+    # concerns only a describer beside the pipeline.
     LIVE_SETTINGS = frozenset({'sample_fps', 'publish_every_n', 'max_gap_s', 'stale_after_s',
-                               'max_image_side', 'num_threads'})
+                               'max_image_side', 'num_threads'}
+                              | {f'text.{name}' for name in TextConfig.__dataclass_fields__})
 
     def apply_settings(self, config: AnticipateConfig) -> None:
         """Take new values of LIVE_SETTINGS without touching the model or the memory.
