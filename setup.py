@@ -35,6 +35,7 @@ setup(
             'malmm-replay = malmm_ros.ros.replay:main',
             'malmm-anticipate = malmm_ros.ros.anticipate_node:main',
             'malmm-export = malmm_ros.cli.export:main',
+            'malmm-extract = malmm_ros.cli.extract:main',
             'malmm-train = malmm_ros.cli.train:main',
         ],
     },
