@@ -1,11 +1,16 @@
 """malmm-extract: encoder features of EK-100 videos, one safetensors file per video.
 
-    malmm-extract --frames-root DIR --video-info EPIC_100_video_info.csv --out DIR
+    malmm-extract --frames-root DIR --out DIR [--sample-fps 4]
     malmm-extract --videos DIR --out DIR [--sample-fps 4] [--backend onnxruntime]
 
 Frames go through the node's preprocessing and encoder backend (config/anticipate.yaml's
 `backend`, or --backend). Resumable: videos whose features exist (same sample fps, same encoder)
 are skipped; --overwrite redoes them. Writes extract_summary.json beside the features.
+
+EK-100's rgb_frames are numbered on a 60 fps grid whatever the camera's rate: in the
+annotations, start_frame = 60 x start time for every video (checked on the validation CSV for
+its 29.97, 47.95, 59.94 and 90 fps videos). So frames folders default to 60 fps; --video-info
+or --fps are for other datasets whose frames follow the camera's rate.
 """
 
 from __future__ import annotations
@@ -49,9 +54,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--sample-fps', type=float, default=4.0,
                         help='frames per second to encode (default 4; 0: every frame)')
     parser.add_argument('--video-info', metavar='CSV', default=None,
-                        help='EPIC_100_video_info.csv: native fps of each frames video')
+                        help='CSV (video_id,...,fps) of frame rates per frames folder, for '
+                             'datasets whose frames follow the camera rate (not EK-100)')
     parser.add_argument('--fps', type=float, default=None,
-                        help='native fps of frames videos missing from --video-info, or of '
+                        help='frame rate of frames folders not in --video-info (default '
+                             f'{EK100_FRAMES_FPS:g}, the EK-100 rgb_frames grid), or of '
                              'video files whose container has none')
     parser.add_argument('--video-id', nargs='+', metavar='ID', default=None,
                         help='only these videos (default: all found)')
@@ -81,6 +88,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f'--threads must be >= 0, got {args.threads}')
 
 
+EK100_FRAMES_FPS = 60.0  # numbering of EK-100 rgb_frames (see the module docstring)
+
+
 def find_sources(*, frames_root: str | None = None, videos: str | None = None,
                  video_ids: list[str] | None = None, video_info: str | None = None,
                  fps: float | None = None) -> list[VideoSource]:
@@ -106,12 +116,7 @@ def find_sources(*, frames_root: str | None = None, videos: str | None = None,
     if kind == 'video':
         return [VideoSource(v, 'video', p, fps) for v, p in found.items()]
     known = read_video_fps(video_info) if video_info else {}
-    rates = {v: known.get(v, fps) for v in found}
-    missing = [v for v, rate in rates.items() if rate is None]
-    if missing:
-        hint = (f'{video_info} does not list them; add --fps' if video_info
-                else 'give --video-info EPIC_100_video_info.csv or --fps')
-        raise DataError(f'no native fps for frames video(s) {", ".join(missing[:10])}: {hint}')
+    rates = {v: known.get(v, fps if fps is not None else EK100_FRAMES_FPS) for v in found}
     return [VideoSource(v, 'frames', p, rates[v]) for v, p in found.items()]
 
 

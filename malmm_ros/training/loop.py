@@ -97,8 +97,10 @@ def _losses(logits, batch, weights: dict[str, torch.Tensor | None], config: Trai
     for head, weight in (('verb', optim.verb_weight), ('noun', optim.noun_weight),
                          ('action', optim.action_weight)):
         scores = getattr(logits, head)
+        if scores is None or weight == 0:
+            continue
         target = getattr(batch, head).to(scores.device)
-        if scores is None or weight == 0 or bool((target == IGNORE).all()):
+        if bool((target == IGNORE).all()):
             continue
         loss = F.cross_entropy(scores.float(), target, weight=weights.get(head),
                                ignore_index=IGNORE, label_smoothing=optim.label_smoothing)

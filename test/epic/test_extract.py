@@ -498,7 +498,6 @@ def test_console_script_runs(tiny: TinyEpic, tmp_path: Path) -> None:
     ('no_videos', 'no videos found under --frames-root'),
     ('no_mp4', 'no videos found in --videos'),
     ('unknown_id', '--video-id P77_77 not found under .* \\(found 2: P01_01, P02_03\\)'),
-    ('no_fps', 'no native fps for frames video\\(s\\) P01_01, P02_03: give --video-info'),
     ('bad_info', "line 2, column 'fps': expected a positive number, got 'fast'"),
     ('bad_rate', '--sample-fps must be >= 0'),
     ('out_is_file', '--out .* exists and is not a folder'),
@@ -516,8 +515,6 @@ def test_bad_arguments(tiny: TinyEpic, tmp_path: Path, case: str, message: str) 
         args = ['--videos', str(empty), *out]
     elif case == 'unknown_id':
         args = [*frames, *out, '--video-id', 'P01_01', 'P77_77']
-    elif case == 'no_fps':
-        args = ['--frames-root', str(tiny.frames_root), *out]
     elif case == 'bad_info':
         info = tmp_path / 'info.csv'
         info.write_text('video_id,duration,fps,resolution\nP01_01,6.0,fast,128x96\n')
@@ -541,3 +538,12 @@ def test_frames_root_and_videos_are_exclusive(tiny: TinyEpic, tmp_path: Path,
                           str(tiny.videos_dir), '--out', str(tmp_path)])
     assert info.value.code == 2
     assert 'not allowed with argument' in capsys.readouterr().err
+
+
+def test_frames_default_to_the_ek100_60_fps_grid(tiny: TinyEpic) -> None:
+    from malmm_ros.cli.extract import find_sources
+
+    sources = find_sources(frames_root=str(tiny.frames_root))
+    assert {s.fps for s in sources} == {60.0}
+    listed = find_sources(frames_root=str(tiny.frames_root), video_info=str(tiny.video_info_csv))
+    assert {s.fps for s in listed} == {tiny.fps}
