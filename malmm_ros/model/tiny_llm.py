@@ -41,11 +41,14 @@ def write_tiny_llm(
     vocab_size: int = 400,
     seed: int = 0,
     sentences: tuple[str, ...] = KITCHEN_SENTENCES,
+    endless: bool = False,
 ) -> Path:
     """Write config.json, weights and tokenizer of a random causal LM to `folder`; return it.
 
     family: 'llama' or 'qwen2'. The tokenizer's vocabulary is at most `vocab_size` (what the
     sentences support); the model's embedding has exactly the tokenizer's size.
+    endless: greedy decoding never picks end-of-text or padding, so every description runs to
+    max_new_tokens (a generation of known, controllable length for timing).
     """
     transformers = offline_transformers()  # offline switches before the first import
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -75,6 +78,16 @@ def write_tiny_llm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
+    if endless:
+        # Each special token's output row becomes half an ordinary token's row: its logit is
+        # half that token's, so it can only be the largest if every logit is negative, which
+        # random rows in this many dimensions never are.
+        head = model.get_output_embeddings().weight
+        special = [fast.convert_tokens_to_ids(token) for token in _SPECIAL_TOKENS]
+        ordinary = [i for i in range(len(fast)) if i not in special]
+        with torch.no_grad():
+            for token, other in zip(special, ordinary, strict=False):
+                head[token] = 0.5 * head[other]
     model.save_pretrained(str(folder))
     fast.save_pretrained(str(folder))
     return folder

@@ -3,6 +3,9 @@
 The image callback only samples by stamp and hands the newest frame to a keep-latest slot; a
 worker thread decodes, runs the pipeline and publishes, so a slow step never queues stale frames
 and never blocks the executor. Everything model-related lives in malmm_ros.pipeline.
+With text.enabled, every n-th prediction's query outputs also go to a describer on a thread of
+its own (ros/description_worker.py), which publishes malmm/description; it never delays
+malmm/actions.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from std_srvs.srv import Trigger
 
 from malmm_ros.config import AnticipateConfig
 from malmm_ros.errors import ConfigError, FrameError, MalmmError
+from malmm_ros.model.checkpoint import load_text_projector
+from malmm_ros.model.text import Description, GenerationOptions, TextDescriber
 from malmm_ros.pipeline import AnticipationPipeline, FrameSampler, Prediction
+from malmm_ros.ros.description_worker import DescriptionWorker
 from malmm_ros.ros.diagnostics import NodeStats, diagnostic_array
 from malmm_ros.ros.image_codec import decode_compressed, decode_image, encode_bgr8
 from malmm_ros.ros.latest_slot import LatestSlot
@@ -51,6 +57,19 @@ def _pipeline(config: AnticipateConfig) -> AnticipationPipeline:
     return AnticipationPipeline(config.replace(sample_fps=0.0))
 
 
+def _describer(config: AnticipateConfig) -> TextDescriber | None:
+    """The text describer the config asks for (its projector from the checkpoint), or None."""
+    if not config.text.enabled:
+        return None
+    projector = load_text_projector(config.checkpoint) if config.checkpoint else None
+    return TextDescriber.from_config(config, projector=projector)
+
+
+# Settings whose change needs the describer loaded again (the rest only change its options).
+_DESCRIBER_SETTINGS = ('text.enabled', 'text.model_path', 'checkpoint', 'device',
+                       'model.hidden_size')
+
+
 class AnticipateNode(Node):
     """Subscribes to `image` (or `image/compressed`), publishes malmm/actions and friends."""
 
@@ -58,12 +77,14 @@ class AnticipateNode(Node):
         super().__init__('malmm_anticipate')
         self.config = declare_config_parameters(self)
         self.pipeline = _pipeline(self.config)
+        describer = _describer(self.config)  # a bad text.model_path stops the node here
         self.sampler = FrameSampler(self.config.sample_fps)
         self.slot = LatestSlot()
         self.stats = NodeStats()
         self._pipeline_lock = threading.Lock()  # pipeline swap, reset and push
         self._last_prediction: Prediction | None = None
         self._last_stamp_ns: int | None = None
+        self._predictions_undescribed = 0  # predictions since the last description request
 
         reliability = (ReliabilityPolicy.RELIABLE if self.config.qos.reliability == 'reliable'
                        else ReliabilityPolicy.BEST_EFFORT)
@@ -80,16 +101,21 @@ class AnticipateNode(Node):
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.labels_pub = self.create_publisher(String, 'malmm/labels', latched)
         self.overlay_pub = self.create_publisher(Image, 'malmm/overlay', 1)
+        self.description_pub = self.create_publisher(String, 'malmm/description', QoSProfile(
+            depth=10, reliability=ReliabilityPolicy.RELIABLE))
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self.create_service(Trigger, '~/reset', self.reset_callback)
         self.create_timer(1.0, self.diagnostics_callback)
         self.add_on_set_parameters_callback(self.parameters_callback)
         self._publish_labels()
 
+        self.text = DescriptionWorker(describer, self._publish_description,
+                                      self._description_failed)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._inference_loop, name='malmm_inference',
                                         daemon=True)
         self._worker.start()
+        self._log_describer(describer)
         self.get_logger().info(
             f'{self.pipeline.model_name} on {self.pipeline.encoder.name}, '
             f'{self.config.input_transport} input, M={self.config.memory_bank_length}, '
@@ -144,7 +170,13 @@ class AnticipateNode(Node):
             config = config_from_parameters(self, changes)
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
+        old = self.config.to_parameters()
+        new = config.to_parameters()
+        reload_text = any(old[name] != new[name] for name in _DESCRIBER_SETTINGS)
+        describer = self.text.describer
         try:
+            if reload_text:  # loaded before anything changes: a refusal leaves all as it was
+                describer = _describer(config)
             with self._pipeline_lock:
                 try:
                     self.pipeline.apply_settings(config.replace(sample_fps=0.0))
@@ -158,6 +190,11 @@ class AnticipateNode(Node):
         if config.sample_fps != self.config.sample_fps:
             self.sampler = FrameSampler(config.sample_fps)
         self.config = config
+        if reload_text:
+            self.text.describer = describer
+            self._log_describer(describer)
+        elif describer is not None:  # prompt, length, decoding: from the next description on
+            describer.options = GenerationOptions.from_config(config.text)
         return SetParametersResult(successful=True)
 
     def diagnostics_callback(self) -> None:
@@ -166,7 +203,8 @@ class AnticipateNode(Node):
             self.get_clock().now().to_msg(), name=f'{self.get_name()}: anticipation',
             hardware_id=pipeline.encoder.name, stats=self.stats, dropped=self.slot.dropped,
             backend=pipeline.encoder.name, device=self.config.device,
-            trained=pipeline.trained, stale_after_s=self.config.stale_after_s))
+            trained=pipeline.trained, stale_after_s=self.config.stale_after_s,
+            text=self._text_values()))
 
     # -- worker -----------------------------------------------------------------------------
 
@@ -196,6 +234,7 @@ class AnticipateNode(Node):
             with self._pipeline_lock:
                 resets_before = self.pipeline.stats['resets']
                 prediction = self.pipeline.push(image, _stamp_ns(msg), msg.header.frame_id)
+                queries = self.pipeline.last_queries  # the step that made `prediction`
                 latency = self.pipeline.last_latency_ms
                 resets = self.pipeline.stats['resets'] - resets_before
                 slots = len(self.pipeline.memory)
@@ -215,11 +254,46 @@ class AnticipateNode(Node):
             self.actions_pub.publish(String(data=json.dumps(prediction.to_dict())))
             with self.stats.lock:
                 self.stats.predictions += 1
+            self._request_description(prediction, queries)
         if self.overlay_pub.get_subscription_count() > 0:  # no drawing when nobody watches
             width, height, step, data = encode_bgr8(draw_overlay(image, self._last_prediction))
             overlay = Image(header=msg.header, height=height, width=width, encoding='bgr8',
                             is_bigendian=0, step=step, data=data)
             self.overlay_pub.publish(overlay)
+
+    def _request_description(self, prediction: Prediction, queries: object) -> None:
+        """Every text.every_n_predictions predictions, hand the queries to the describer."""
+        if self.text.describer is None or queries is None:
+            return
+        self._predictions_undescribed += 1
+        if self._predictions_undescribed < self.config.text.every_n_predictions:
+            return
+        self._predictions_undescribed = 0
+        self.text.submit(queries, prediction.stamp_ns, prediction.frame_id)
+
+    def _publish_description(self, description: Description) -> None:
+        self.description_pub.publish(String(data=json.dumps(description.to_dict())))
+
+    def _description_failed(self, exc: BaseException) -> None:
+        self.get_logger().error(f'text description failed: {exc!r}',
+                                throttle_duration_sec=THROTTLE_S)
+
+    def _text_values(self) -> dict[str, object] | None:
+        describer = self.text.describer
+        if describer is None:
+            return None
+        return {'text_model': describer.name, 'text_trained': describer.trained,
+                **self.text.values()}
+
+    def _log_describer(self, describer: TextDescriber | None) -> None:
+        if describer is None:
+            return
+        self.get_logger().info(f'text descriptions by {describer.name} every '
+                               f'{self.config.text.every_n_predictions} predictions, '
+                               f'trained projector={describer.trained}')
+        if not describer.trained:
+            self.get_logger().warning('the checkpoint has no text projector: descriptions are '
+                                      'meaningless (train one with malmm-train --task caption)')
 
     def _publish_labels(self) -> None:
         labels = self.pipeline.labels.to_dict()
@@ -230,6 +304,7 @@ class AnticipateNode(Node):
     def stop(self) -> None:
         """Stop the worker thread (called before the node is destroyed)."""
         self._stop.set()
+        self.text.stop()
         self._worker.join(timeout=5.0)
 
 

@@ -6,6 +6,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -42,9 +43,12 @@ class NodeStats:
 
 
 def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dropped: int,
-                     backend: str, device: str, trained: bool,
-                     stale_after_s: float) -> DiagnosticArray:
-    """One DiagnosticStatus: OK, WARN (untrained or dropping) or ERROR (no frames lately)."""
+                     backend: str, device: str, trained: bool, stale_after_s: float,
+                     text: dict[str, Any] | None = None) -> DiagnosticArray:
+    """One DiagnosticStatus: OK, WARN (untrained or dropping) or ERROR (no frames lately).
+
+    `text`: the describer's counts and latency (text_* keys), when descriptions are on.
+    """
     with stats.lock:
         input_hz, processed_hz, dropping = stats.rates(dropped)
         steps = np.array(stats.step_ms) if stats.step_ms else None
@@ -61,6 +65,8 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
     values['step_latency_p95_ms'] = f'{np.percentile(steps, 95):.2f}' if steps is not None \
         else 'n/a'
     values.update(backend=backend, device=device, trained=trained)
+    if text is not None:
+        values.update(text)
 
     since = time.monotonic() - (last if last is not None else stats.started)
     if since > stale_after_s:
@@ -69,6 +75,9 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
         level, message = DiagnosticStatus.WARN, 'dropping frames: inference slower than input'
     elif not trained:
         level, message = DiagnosticStatus.WARN, 'untrained heads: predictions are meaningless'
+    elif text is not None and not text.get('text_trained', True):
+        level, message = DiagnosticStatus.WARN, 'untrained text projector: descriptions are ' \
+            'meaningless'
     else:
         level, message = DiagnosticStatus.OK, 'running'
     status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id,
