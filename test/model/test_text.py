@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from malmm_ros.config import AnticipateConfig
 from malmm_ros.errors import CheckpointError, ConfigError
 from malmm_ros.model.text import (
     DESCRIPTION_SCHEMA,
@@ -341,3 +342,22 @@ def test_caption_loss_trains_the_projector_only(describer: TextDescriber) -> Non
 def test_caption_loss_needs_one_text_per_row(describer: TextDescriber) -> None:
     with pytest.raises(ValueError, match='one text per row'):
         describer.caption_loss(_queries(11, batch=2), ['only one'])
+
+
+def test_endless_tiny_llm_runs_to_max_new_tokens(tmp_path: Path, single_thread: None) -> None:
+    folder = write_tiny_llm(tmp_path / 'endless', hidden_size=48, endless=True)
+    describer = TextDescriber.load(folder, WIDTH, options=GenerationOptions(max_new_tokens=60))
+    for seed in range(5):
+        assert describer.generate(_queries(seed)).num_tokens == 60
+
+
+def test_from_config(llm_dirs: dict[str, Path], single_thread: None) -> None:
+    config = AnticipateConfig.from_dict({
+        'model': {'hidden_size': WIDTH, 'num_heads': 4},
+        'text': {'enabled': True, 'model_path': str(llm_dirs['qwen2']), 'max_new_tokens': 3,
+                 'decoding': 'beam', 'num_beams': 2, 'prompt': 'next:'}})
+    describer = TextDescriber.from_config(config)
+    assert describer.options == GenerationOptions(prompt='next:', max_new_tokens=3,
+                                                  decoding='beam', num_beams=2)
+    assert describer.name == 'tiny-qwen2' and describer.device == torch.device('cpu')
+    assert describer.generate(_queries(0)).num_tokens <= 3
