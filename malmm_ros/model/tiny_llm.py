@@ -37,8 +37,11 @@ def write_tiny_llm(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    num_kv_heads: int | None = None,
     intermediate_size: int | None = None,
     vocab_size: int = 400,
+    model_vocab_size: int | None = None,
+    tie_embeddings: bool = False,
     seed: int = 0,
     sentences: tuple[str, ...] = KITCHEN_SENTENCES,
     endless: bool = False,
@@ -46,7 +49,10 @@ def write_tiny_llm(
     """Write config.json, weights and tokenizer of a random causal LM to `folder`; return it.
 
     family: 'llama' or 'qwen2'. The tokenizer's vocabulary is at most `vocab_size` (what the
-    sentences support); the model's embedding has exactly the tokenizer's size.
+    sentences support); the model's embedding has the tokenizer's size, or `model_vocab_size`
+    rows (at least as many) to cost what a real model's vocabulary costs: ids beyond the
+    tokenizer's decode to nothing. Give the shape of a real model (layers, widths, heads,
+    vocabulary) to time it without its weights.
     endless: greedy decoding never picks end-of-text or padding, so every description runs to
     max_new_tokens (a generation of known, controllable length for timing).
     """
@@ -69,12 +75,16 @@ def write_tiny_llm(
                   'qwen2': transformers.Qwen2Config}.get(family)
     if config_cls is None:
         raise ValueError(f"family must be 'llama' or 'qwen2', got {family!r}")
+    if model_vocab_size is not None and model_vocab_size < len(fast):
+        raise ValueError(f'model_vocab_size {model_vocab_size} is below the tokenizer\'s '
+                         f'{len(fast)} tokens')
     config = config_cls(
-        vocab_size=len(fast), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        vocab_size=model_vocab_size or len(fast), hidden_size=hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
         intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=2048,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
+        pad_token_id=fast.pad_token_id, tie_word_embeddings=tie_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
