@@ -64,7 +64,7 @@ def run(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     if config.task != 'anticipation':
         from malmm_ros.training.caption import run_caption
 
-        return run_caption(config, resume=resume, progress=progress)
+        return run_caption(config, resume=resume, progress=progress, stop_after=stop_after)
     node = load_config(config.anticipate_config)
     torch.set_num_threads(config.num_threads or node.threads())
     data = config.data

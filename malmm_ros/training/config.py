@@ -18,7 +18,8 @@ import yaml
 from malmm_ros.config import _coerce, _spec, _validate, flatten
 from malmm_ros.errors import ConfigError
 
-__all__ = ['DataConfig', 'MemoryConfig', 'OptimConfig', 'TrainConfig', 'load_train_config']
+__all__ = ['CaptionConfig', 'DataConfig', 'MemoryConfig', 'OptimConfig', 'TrainConfig',
+           'load_train_config']
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,18 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class CaptionConfig:
+    """`task: caption`: train the text projector of an anticipation checkpoint (LLM frozen)."""
+
+    checkpoint: str = _spec('', 'trained anticipation checkpoint whose Q-Former feeds the LLM')
+    model_path: str = _spec('', 'local causal LM folder; empty: text.model_path of the '
+                            'anticipation config')
+
+    def __post_init__(self) -> None:
+        _validate(self, 'caption')
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything malmm-train needs; mirrors config/train.yaml."""
 
@@ -97,6 +110,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
     def __post_init__(self) -> None:
         _validate(self, '')
@@ -120,12 +134,15 @@ class TrainConfig:
             train_annotations=fix(self.data.train_annotations),
             val_annotations=fix(self.data.val_annotations),
             annotations_dir=fix(self.data.annotations_dir))
+        caption = dataclasses.replace(self.caption, checkpoint=fix(self.caption.checkpoint),
+                                      model_path=fix(self.caption.model_path))
         return dataclasses.replace(self, anticipate_config=fix(self.anticipate_config),
-                                   out_dir=fix(self.out_dir), data=data)
+                                   out_dir=fix(self.out_dir), data=data, caption=caption)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = '<dict>') -> TrainConfig:
-        groups = {'data': DataConfig, 'memory': MemoryConfig, 'optim': OptimConfig}
+        groups = {'data': DataConfig, 'memory': MemoryConfig, 'optim': OptimConfig,
+                  'caption': CaptionConfig}
         by_group: dict[str, dict[str, Any]] = {name: {} for name in groups}
         top: dict[str, Any] = {}
         unknown = []
