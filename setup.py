@@ -37,6 +37,7 @@ setup(
             'malmm-export = malmm_ros.cli.export:main',
             'malmm-extract = malmm_ros.cli.extract:main',
             'malmm-train = malmm_ros.cli.train:main',
+            'malmm-eval = malmm_ros.cli.evaluate:main',
         ],
     },
 )

@@ -31,9 +31,11 @@ __all__ = [
     'STORAGES',
     'BagFrame',
     'BagMessage',
+    'CameraMessage',
     'bag_info',
     'image_topics',
     'iter_bag_messages',
+    'iter_camera_messages',
     'read_camera_frames',
     'write_camera_bag',
 ]
@@ -246,19 +248,28 @@ def _pick_image_topic(path: Path, available: dict[str, str], topic: str | None) 
     return topic
 
 
-def _decode(msgtype: str, rawdata: bytes) -> tuple[int, str, np.ndarray]:
+def _deserialize(msgtype: str, rawdata: bytes) -> Any:
     try:
-        msg = _TYPESTORE.deserialize_cdr(rawdata, msgtype)
+        return _TYPESTORE.deserialize_cdr(rawdata, msgtype)
     except Exception as exc:  # truncated or foreign CDR
         raise FrameError(f'cannot deserialize {msgtype} ({len(rawdata)} bytes): {exc}'
                          ) from exc
-    stamp_ns = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+
+
+def _header_stamp_ns(msg: Any) -> int:
+    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+
+
+def _pixels(msgtype: str, msg: Any) -> np.ndarray:
     if msgtype == COMPRESSED_IMAGE_TYPE:
-        image = decode_compressed(msg.format, msg.data)
-    else:
-        image = decode_image(msg.encoding, int(msg.width), int(msg.height), int(msg.step),
-                             bool(msg.is_bigendian), msg.data)
-    return stamp_ns, str(msg.header.frame_id), image
+        return decode_compressed(msg.format, msg.data)
+    return decode_image(msg.encoding, int(msg.width), int(msg.height), int(msg.step),
+                        bool(msg.is_bigendian), msg.data)
+
+
+def _decode(msgtype: str, rawdata: bytes) -> tuple[int, str, np.ndarray]:
+    msg = _deserialize(msgtype, rawdata)
+    return _header_stamp_ns(msg), str(msg.header.frame_id), _pixels(msgtype, msg)
 
 
 def read_camera_frames(path: str | Path, topic: str | None = None) -> Iterator[BagFrame]:
@@ -279,6 +290,49 @@ def read_camera_frames(path: str | Path, topic: str | None = None) -> Iterator[B
                 raise FrameError(f'{path} {topic} message at log time {log_time} ns: {exc}'
                                  ) from exc
             yield BagFrame(stamp_ns, int(log_time), frame_id, image)
+    finally:
+        reader.close()
+
+
+@dataclass(frozen=True)
+class CameraMessage:
+    """One camera message with its header read and its pixels not yet decoded.
+
+    Lets a reader that subsamples by stamp (the node's sampling, the evaluation) skip the
+    costly decoding of frames it drops: `decode()` does it on demand.
+    """
+
+    stamp_ns: int
+    log_time_ns: int
+    frame_id: str
+    msgtype: str
+    message: Any  # the deserialized Image or CompressedImage
+
+    def decode(self) -> np.ndarray:
+        """HxWx3 uint8 RGB pixels; FrameError (naming the log time) if they cannot be used."""
+        try:
+            return _pixels(self.msgtype, self.message)
+        except FrameError as exc:
+            raise FrameError(f'message at log time {self.log_time_ns} ns: {exc}') from exc
+
+
+def iter_camera_messages(path: str | Path, topic: str | None = None
+                         ) -> Iterator[CameraMessage]:
+    """Yield one image topic's messages (as `read_camera_frames` picks it) with header stamps,
+    leaving the pixels to `CameraMessage.decode()`."""
+    path = Path(path)
+    reader = _open(path)
+    try:
+        topic = _pick_image_topic(path, _topics(reader), topic)
+        connections = [c for c in reader.connections if c.topic == topic]
+        for connection, log_time, rawdata in _messages(reader, connections, path):
+            try:
+                msg = _deserialize(connection.msgtype, bytes(rawdata))
+            except FrameError as exc:
+                raise FrameError(f'{path} {topic} message at log time {log_time} ns: {exc}'
+                                 ) from exc
+            yield CameraMessage(_header_stamp_ns(msg), int(log_time), str(msg.header.frame_id),
+                                connection.msgtype, msg)
     finally:
         reader.close()
 

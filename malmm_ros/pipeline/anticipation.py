@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,11 +27,20 @@ from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
 from malmm_ros.pipeline.sampler import FrameSampler
 from malmm_ros.runtime import create_encoder
 
-__all__ = ['AnticipationPipeline']
+__all__ = ['AnticipationPipeline', 'StepScores']
 
 _log = logging.getLogger(__name__)
 TOP_K = 5
 _UNTRAINED_SEED = 0  # untrained heads are random but reproducible from run to run
+
+
+class StepScores(NamedTuple):
+    """Probabilities of every class after one step (float32 numpy arrays)."""
+
+    verb: np.ndarray  # (num_verbs,)
+    noun: np.ndarray  # (num_nouns,)
+    action: np.ndarray | None  # (num_actions,) in labels.actions order; None without an
+    # action head, when actions are scored as p(verb) * p(noun)
 
 
 class AnticipationPipeline:
@@ -173,13 +182,11 @@ class AnticipationPipeline:
             return None
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = self.model.classify(self._queries)
-            verb_p = logits.verb.float().softmax(-1)[0]
-            noun_p = logits.noun.float().softmax(-1)[0]
+            verb_p, noun_p, action_p = self._probabilities(self._queries)
             verbs = _top_classes(verb_p, self.labels.verb_name)
             nouns = _top_classes(noun_p, self.labels.noun_name)
-            if logits.action is not None:
-                actions = self._top_actions_from_head(logits.action.float().softmax(-1)[0])
+            if action_p is not None:
+                actions = self._top_actions_from_head(action_p)
             else:
                 actions = self._top_actions_from_pairs(verb_p, noun_p)
         heads_ms = (time.perf_counter() - start) * 1e3
@@ -200,7 +207,27 @@ class AnticipationPipeline:
             checkpoint=self.config.checkpoint,
         )
 
+    def scores(self) -> StepScores | None:
+        """Every class's probability after the newest sampled frame (None before one).
+
+        The numbers `predict()` ranks for its top 5, in full: what offline evaluation and the
+        challenge submission need.
+        """
+        if self._queries is None:
+            return None
+        with torch.inference_mode():
+            verb_p, noun_p, action_p = self._probabilities(self._queries)
+        return StepScores(verb_p.cpu().numpy(), noun_p.cpu().numpy(),
+                          None if action_p is None else action_p.cpu().numpy())
+
     # -- helpers ----------------------------------------------------------------------------
+
+    def _probabilities(self, queries: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Softmax of each head for one stream: verb [V], noun [N], action [A] or None."""
+        logits = self.model.classify(queries)
+        action = logits.action.float().softmax(-1)[0] if logits.action is not None else None
+        return logits.verb.float().softmax(-1)[0], logits.noun.float().softmax(-1)[0], action
 
     def _check_stream(self, stamp_ns: int) -> None:
         """Reset on a stamp going backwards or a gap longer than max_gap_s."""
