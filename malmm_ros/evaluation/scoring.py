@@ -249,7 +249,9 @@ def segment_metrics(
         unseen = frozenset(unseen_participants)
         subsets['unseen'] = np.array([s.participant_id in unseen for s in scores.samples])
     tails = {}
-    if tail_verbs and tail_nouns:  # both known and non-empty
-        tails = {'tail_verbs': tail_verbs, 'tail_nouns': tail_nouns}
+    verb_set = frozenset(tail_verbs) if tail_verbs is not None else frozenset()
+    noun_set = frozenset(tail_nouns) if tail_nouns is not None else frozenset()
+    if verb_set and noun_set:  # both files present and non-empty
+        tails = {'tail_verbs': verb_set, 'tail_nouns': noun_set}
     return anticipation_metrics(rows.verb, rows.noun, action_scores, verbs, nouns, actions,
                                 subsets=subsets, observed=scores.observed, k=k, **tails)

@@ -16,6 +16,8 @@ prediction stamped with it (same clock).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -25,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ _DDS_PROFILE = Path(__file__).resolve().parents[2] / 'config' / 'fastdds.xml'
 _SETTLE_S = 2.0  # no new prediction for this long after the replay: the node is done
 _MAX_SETTLE_S = 60.0
 _POLL_S = 0.02
+_MATCH_GRACE_S = 1.0
 # Reliable with a deep queue: the camera side must not lose frames before the node's own
 # (best-effort, depth-1) subscription decides; the action side must keep every prediction.
 _CAMERA_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
@@ -149,7 +151,7 @@ class _Recorder:
             return len(self.recording.messages)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _environment(values: dict[str, str | None]) -> Iterator[None]:
     """Set (None: remove) environment variables for the block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
@@ -249,10 +251,7 @@ def record_live(bag: str | os.PathLike, config: AnticipateConfig, *, out_dir: st
     recording = LiveRecording(node_log=log_path)
     total = bag_info(bag)['topics'][topic]['count']
 
-    environment = _ros_environment(domain_id)
-    if not progress:
-        environment['TQDM_DISABLE'] = '1'  # replay() always draws its bar otherwise
-    with _environment(environment), open(log_path, 'wb') as log:
+    with _environment(_ros_environment(domain_id)), open(log_path, 'wb') as log:
         node_process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT)
         context = Context()
@@ -273,9 +272,15 @@ def record_live(bag: str | os.PathLike, config: AnticipateConfig, *, out_dir: st
                   and node.count_publishers(ACTIONS_TOPIC) >= 1,
                   node_timeout_s, node_process, f'for the node to subscribe to {topic}',
                   log_path)
-            recording.replay = replay(bag, {topic: _TimedPublisher(publisher, recording)},
-                                      rate=rate, ok=context.ok,
-                                      progress_total=total)
+            # Our writer has matched the node's reader; give the node's side of discovery
+            # time to match ours too, or its best-effort reader drops the first frames (and
+            # its sampling grid starts on a later one).
+            time.sleep(_MATCH_GRACE_S)
+            quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(
+                io.StringIO())  # replay() always draws a progress bar on sys.stderr
+            with quiet:
+                recording.replay = replay(bag, {topic: _TimedPublisher(publisher, recording)},
+                                          rate=rate, ok=context.ok, progress_total=total)
             _settle(recorder, recording, node_process, expected_predictions, log_path)
         finally:
             recording.node_exit = _stop(node_process)
