@@ -40,13 +40,13 @@ def _spec(default: Any, doc: str, lo: float | None = None, hi: float | None = No
 class ModelConfig:
     """Shape of the memory-augmented Q-Former and its visual adapter (weights must match)."""
 
-    preset: str = _spec('edge', 'named base configuration', choices=('edge', 'blip2'))
-    num_layers: int = _spec(4, 'Q-Former blocks', 1, 48)
-    hidden_size: int = _spec(256, 'Q-Former width', 8, 4096)
+    preset: str = _spec('edge', 'named base configuration', choices=('edge', 'base', 'blip2'))
+    num_layers: int = _spec(2, 'Q-Former blocks', 1, 48)
+    hidden_size: int = _spec(128, 'Q-Former width', 8, 4096)
     num_heads: int = _spec(4, 'attention heads (must divide hidden_size)', 1, 64)
-    intermediate_size: int = _spec(1024, 'feed-forward width', 8, 16384)
+    intermediate_size: int = _spec(512, 'feed-forward width', 8, 16384)
     num_queries: int = _spec(32, 'learned query tokens', 1, 256)
-    encoder_width: int = _spec(256, 'width of visual tokens entering cross-attention', 8, 4096)
+    encoder_width: int = _spec(128, 'width of visual tokens entering cross-attention', 8, 4096)
     cross_attention_every: int = _spec(2, 'layer i cross-attends when i % this == 0', 1, 48)
     time_buckets: int = _spec(16, 'log-spaced age buckets of the relative-time bias', 2, 256)
     max_age_s: float = _spec(600.0, 'ages beyond this share the last time bucket', 1.0, 1e7)
@@ -76,8 +76,13 @@ class ModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Small enough for a 2-core CPU or a Jetson: the per-step cost stays near the encoder's.
+    # Sized for the budget on a 2-core CPU: memory + Q-Former + heads at most half the ONNX
+    # Runtime encoder's time (docs/PERFORMANCE.md measures 4 x 256 at 1.2x the encoder alone).
     'edge': {},
+    # Four blocks of width 256: for a desktop GPU or a Jetson's GPU, about 3x the edge step on
+    # a CPU.
+    'base': {'num_layers': 4, 'hidden_size': 256, 'intermediate_size': 1024,
+             'encoder_width': 256},
     # BLIP-2 / InstructBLIP Q-Former geometry (EVA-CLIP ViT-g features are 1408 wide).
     'blip2': {'num_layers': 12, 'hidden_size': 768, 'num_heads': 12, 'intermediate_size': 3072,
               'encoder_width': 1408},

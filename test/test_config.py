@@ -108,6 +108,16 @@ def test_wrapper_with_two_nodes_is_refused() -> None:
         AnticipateConfig.from_dict(data)
 
 
+def test_edge_and_base_presets() -> None:
+    edge = AnticipateConfig().model
+    assert edge.preset == 'edge'
+    assert (edge.num_layers, edge.hidden_size, edge.intermediate_size) == (2, 128, 512)
+    assert (edge.num_queries, edge.encoder_width, edge.cross_attention_layers()) == (32, 128, (0,))
+    base = AnticipateConfig.from_dict({'model': {'preset': 'base'}}).model
+    assert (base.num_layers, base.hidden_size, base.intermediate_size) == (4, 256, 1024)
+    assert (base.encoder_width, base.cross_attention_layers()) == (256, (0, 2))
+
+
 def test_blip2_preset() -> None:
     model = AnticipateConfig.from_dict({'model': {'preset': 'blip2'}}).model
     assert model.preset == 'blip2'

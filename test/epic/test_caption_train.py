@@ -68,9 +68,10 @@ def test_caption_training_learns_the_narrations(setup, tmp_path: Path) -> None:
     out = tmp_path / 'run' / 'checkpoint.safetensors'
     projector = load_text_projector(out)
     assert projector is not None and projector.llm_name == 'llm'
-    describer = TextDescriber.load(llm, 256, projector=projector)
+    width = load_config(REPO / 'config' / 'anticipate.yaml').model.hidden_size
+    describer = TextDescriber.load(llm, width, projector=projector)
     assert describer.trained
-    assert isinstance(describer.describe(torch.zeros(1, 32, 256)), str)
+    assert isinstance(describer.describe(torch.zeros(1, 32, width)), str)
     # The anticipation model is carried over unchanged.
     before, after = load_checkpoint(checkpoint), load_checkpoint(out)
     for name, value in before.state_dict().items():

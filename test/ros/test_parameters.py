@@ -161,17 +161,17 @@ def test_every_numeric_field_with_a_range_gets_one(make_node: Callable[..., Node
 
 
 def test_overrides_are_applied(make_node: Callable[..., Node]) -> None:
-    node = make_node({'memory_bank_length': 7, 'model.num_layers': 2,
+    node = make_node({'memory_bank_length': 7, 'model.num_layers': 5,
                              'qos.reliability': 'reliable', 'sample_fps': 2.5,
                              'model.recompute_projections': True})
     config = declare_config_parameters(node)
     assert config.memory_bank_length == 7
-    assert config.model.num_layers == 2
+    assert config.model.num_layers == 5
     assert config.qos.reliability == 'reliable'
     assert config.sample_fps == 2.5
     assert config.model.recompute_projections is True
     assert node.get_parameter('memory_bank_length').value == 7
-    assert node.get_parameter('model.num_layers').value == 2
+    assert node.get_parameter('model.num_layers').value == 5
     assert config.model.hidden_size == AnticipateConfig().model.hidden_size  # untouched
 
 
@@ -189,7 +189,7 @@ def test_range_ends_are_accepted(make_node: Callable[..., Node], name: str) -> N
     cast = int if isinstance(DEFAULTS[name], int) else float
     for value in (cast(lo), cast(hi)):
         if name == 'model.num_heads' and AnticipateConfig().model.hidden_size % value:
-            continue  # a valid range end that hidden_size=256 cannot split into
+            continue  # a valid range end that the default hidden_size cannot split into
         node = make_node({name: value})
         config = declare_config_parameters(node)
         assert node.get_parameter(name).value == value
@@ -235,7 +235,7 @@ def test_wrong_type_override_raises(make_node: Callable[..., Node], name: str,
 
 def test_inconsistent_overrides_raise(make_node: Callable[..., Node]) -> None:
     node = make_node({'model.num_heads': 3})
-    with pytest.raises(ConfigError, match=r'model.hidden_size \(256\) must be divisible by '
+    with pytest.raises(ConfigError, match=r'model.hidden_size \(128\) must be divisible by '
                                           r'model.num_heads \(3\)'):
         declare_config_parameters(node)
 
