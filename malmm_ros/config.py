@@ -211,19 +211,7 @@ class AnticipateConfig:
         """Build from a nested or dotted dict, or a whole ROS 2 parameter file's contents."""
         flat = flatten(_unwrap_ros_parameters(data, source))
         groups = _GROUPS  # group name -> dataclass
-        by_group: dict[str, dict[str, Any]] = {name: {} for name in groups}
-        top: dict[str, Any] = {}
-        unknown = []
-        for key, value in flat.items():
-            group, _, name = key.partition('.')
-            if name and group in groups and name in _field_names(groups[group]):
-                by_group[group][name] = value
-            elif not name and key in _field_names(cls) and key not in groups:
-                top[key] = value
-            else:
-                unknown.append(key)
-        if unknown:
-            raise ConfigError(f'{source}: unknown parameter(s) {", ".join(sorted(unknown))}')
+        top, by_group = split_groups(cls, groups, flat, source, what='parameter')
         try:
             model_fields = by_group.pop('model')
             preset = model_fields.pop('preset', 'edge')
@@ -239,6 +227,26 @@ class AnticipateConfig:
 
 _GROUPS: dict[str, type] = {'model': ModelConfig, 'labels': LabelsConfig, 'qos': QosConfig,
                             'text': TextConfig}
+
+
+def split_groups(cls: type, groups: dict[str, type], flat: dict[str, Any], source: str, *,
+                 what: str = 'setting') -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Sort dotted keys into top-level fields of `cls` and fields of each group dataclass;
+    any other key is refused by name (a typo must not pass silently)."""
+    by_group: dict[str, dict[str, Any]] = {name: {} for name in groups}
+    top: dict[str, Any] = {}
+    unknown = []
+    for key, value in flat.items():
+        group, _, name = key.partition('.')
+        if name and group in groups and name in _field_names(groups[group]):
+            by_group[group][name] = value
+        elif not name and key in _field_names(cls) and key not in groups:
+            top[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConfigError(f'{source}: unknown {what}(s) {", ".join(sorted(unknown))}')
+    return top, by_group
 
 
 def load_config(source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None = None

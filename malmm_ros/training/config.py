@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from malmm_ros.config import _coerce, _spec, _validate, flatten
+from malmm_ros.config import _coerce, _spec, _validate, flatten, split_groups
 from malmm_ros.errors import ConfigError
 
 __all__ = ['CaptionConfig', 'DataConfig', 'MemoryConfig', 'OptimConfig', 'TrainConfig',
@@ -143,22 +143,8 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = '<dict>') -> TrainConfig:
         groups = {'data': DataConfig, 'memory': MemoryConfig, 'optim': OptimConfig,
                   'caption': CaptionConfig}
-        by_group: dict[str, dict[str, Any]] = {name: {} for name in groups}
-        top: dict[str, Any] = {}
-        unknown = []
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key, value in flatten(data).items():
-            value = _yaml_float(value)
-            group, _, name = key.partition('.')
-            if name and group in groups and name in {f.name for f in
-                                                     dataclasses.fields(groups[group])}:
-                by_group[group][name] = value
-            elif not name and key in names and key not in groups:
-                top[key] = value
-            else:
-                unknown.append(key)
-        if unknown:
-            raise ConfigError(f'{source}: unknown setting(s) {", ".join(sorted(unknown))}')
+        flat = {key: _yaml_float(value) for key, value in flatten(data).items()}
+        top, by_group = split_groups(cls, groups, flat, source)
         try:
             built = {g: groups[g](**_coerce(groups[g], v, g)) for g, v in by_group.items()}
             return cls(**built, **_coerce(cls, top, ''))
