@@ -3,6 +3,8 @@ later one; segments without a prediction stay in every denominator; sparse (top-
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,11 +14,13 @@ from malmm_ros.errors import DataError
 from malmm_ros.evaluation import (
     ScoreRows,
     Timeline,
+    load_annotations,
     prediction_at,
     score_segments,
     segment_metrics,
     timeline_from_predictions,
     top_pairs,
+    video_segments,
 )
 from malmm_ros.metrics import topk_hits
 from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
@@ -245,3 +249,33 @@ def test_foreign_messages_are_refused() -> None:
         timeline_from_predictions([prediction(5, [6], [1])], labels, origin_ns=0)
     with pytest.raises(DataError, match='stamp'):
         timeline_from_predictions([{**good, 'stamp': 'now'}], labels, origin_ns=0)
+
+
+# --- the real validation split -----------------------------------------------------------------
+
+EPIC = Path(__file__).resolve().parents[3] / 'shared' / 'epic100'
+
+
+@pytest.mark.skipif(not (EPIC / 'EPIC_100_validation.csv').is_file(),
+                    reason=f'EK-100 annotations not found in {EPIC}')
+def test_all_misses_on_the_real_validation_split() -> None:
+    """With no prediction at all every segment stays in the denominators: 9,668 segments,
+    1,065 of unseen participants, all metrics zero."""
+    context = load_annotations(EPIC / 'EPIC_100_validation.csv', LabelMaps.placeholder())
+    assert context.missing == ()
+    assert len(context.segments) == 9668
+    assert len(video_segments(context, 'P01_11')) > 0
+    chosen = samples_from_segments(context.segments)
+    scores = score_segments(chosen, np.zeros(0), ScoreRows.empty(97, 300))
+    counts = scores.counts()
+    assert counts['segments'] == 9668 and counts['scored'] == 0
+    assert counts['no_observation'] + counts['no_prediction'] == 9668
+    metrics = segment_metrics(scores, tail_verbs=context.tail_verbs,
+                              tail_nouns=context.tail_nouns,
+                              unseen_participants=context.unseen)
+    assert metrics['overall']['action']['count'] == 9668
+    assert metrics['overall']['action']['classes'] == 1352  # REFERENCE.md: actions present
+    assert metrics['unseen']['verb']['count'] == 1065
+    for subset in ('overall', 'unseen', 'tail'):
+        for task in ('verb', 'noun', 'action'):
+            assert metrics[subset][task]['mean_top5_recall'] == 0.0
