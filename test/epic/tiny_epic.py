@@ -12,7 +12,8 @@ ts - ta show that photo, so a model can learn to anticipate it. Each video also 
 
 Written, under `root`:
 - frames/<participant>/rgb_frames/<video_id>/frame_0000000001.jpg  (official layout; frame i,
-  1-based, is at (i - 1) / fps)
+  1-based, is at (i - 1) / fps). Real EK-100 frames are numbered at 60 fps, which
+  malmm-extract assumes by default; pass it `--video-info` (or `--fps`) for these.
 - videos/<video_id>.MP4  (mp4v; the same frames, lossy)
 - annotations/EPIC_100_validation.csv and EPIC_100_train.csv (identical rows; every column
   of the real files, HH:MM:SS.ff times), EPIC_100_video_info.csv, EPIC_100_verb_classes.csv,
