@@ -17,9 +17,11 @@ ROS_MODULES = ('rclpy', 'rosidl_runtime_py', 'sensor_msgs', 'std_msgs', 'cv_brid
 
 IMPORT_EVERYTHING = """
 import importlib, pkgutil, sys
-names = ['malmm_ros', 'malmm_ros.config', 'malmm_ros.errors', 'malmm_ros.model',
-         'malmm_ros.pipeline', 'malmm_ros.data', 'malmm_ros.runtime']
-for package in ('malmm_ros.model', 'malmm_ros.pipeline', 'malmm_ros.data', 'malmm_ros.runtime'):
+names = ['malmm_ros', 'malmm_ros.config', 'malmm_ros.errors', 'malmm_ros.metrics',
+         'malmm_ros.model', 'malmm_ros.pipeline', 'malmm_ros.data', 'malmm_ros.runtime',
+         'malmm_ros.training', 'malmm_ros.evaluation']
+for package in ('malmm_ros.model', 'malmm_ros.pipeline', 'malmm_ros.data', 'malmm_ros.runtime',
+                'malmm_ros.training', 'malmm_ros.evaluation'):
     module = importlib.import_module(package)
     names += [f'{package}.{info.name}' for info in pkgutil.iter_modules(module.__path__)]
 for name in names:
