@@ -114,7 +114,10 @@ class Conv2dSame(nn.Conv2d):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
+        # int(): when traced for ONNX export (fixed 224x224 input) the pads become constants,
+        # so the graph has no per-frame shape arithmetic and ONNX Runtime can fold each Pad
+        # into its Conv; in eager mode the sizes are ints already.
+        height, width = int(x.shape[-2]), int(x.shape[-1])
         top, bottom = _same_pad(height, self.kernel_size[0], self.stride[0], self.dilation[0])
         left, right = _same_pad(width, self.kernel_size[1], self.stride[1], self.dilation[1])
         if top or bottom or left or right:
