@@ -42,7 +42,7 @@ class OnnxRuntimeEncoder:
     """uint8 RGB frames [B, 224, 224, 3] -> float32 tokens [B, 49, 1280] with ONNX Runtime."""
 
     def __init__(self, onnx_path: str | os.PathLike | None = None, *, threads: int = 0,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, spinning: bool = False) -> None:
         path = ensure_onnx(onnx_path)
         options = ort.SessionOptions()
         if threads:
@@ -50,9 +50,11 @@ class OnnxRuntimeEncoder:
             options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ONNX Runtime's idle threads spin by default; the Q-Former (torch) runs right after
-        # each frame in the same process and would find both cores busy spinning.
-        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-        options.add_session_config_entry('session.inter_op.allow_spinning', '0')
+        # each frame in the same process and would find both cores busy spinning. Spinning
+        # makes the encoder alone faster with 2 threads (bench/encoder_bench.py), not the step.
+        spin = '1' if spinning else '0'
+        options.add_session_config_entry('session.intra_op.allow_spinning', spin)
+        options.add_session_config_entry('session.inter_op.allow_spinning', spin)
         available = ort.get_available_providers()
         providers = providers or ['CPUExecutionProvider']
         missing = [p for p in providers if p not in available]
