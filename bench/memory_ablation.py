@@ -16,7 +16,7 @@ same budget, then scored on streams built from unseen shots:
   mbc-vis   MBC, visual bank only (no query bank)
   mbc       MBC with visual and query banks (MA-LMM)
 
-    python bench/memory_ablation.py [--seeds 3] [--epochs 6] [--out bench/results/ablation]
+    python bench/memory_ablation.py [--seeds 3] [--epochs 10] [--out bench/results/ablation]
 """
 
 from __future__ import annotations
@@ -180,9 +180,9 @@ def run_variant(name: str, seed: int, train_set: PoolWindows, test_set: PoolWind
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--seeds', type=int, default=3)
-    parser.add_argument('--epochs', type=int, default=6)
+    parser.add_argument('--epochs', type=int, default=10)
     parser.add_argument('--memory', type=int, default=4, help='memory length M')
-    parser.add_argument('--train-streams', type=int, default=192)
+    parser.add_argument('--train-streams', type=int, default=256)
     parser.add_argument('--test-streams', type=int, default=128)
     parser.add_argument('--backend', default='onnxruntime', choices=('onnxruntime', 'torch'))
     parser.add_argument('--threads', type=int, default=2)
