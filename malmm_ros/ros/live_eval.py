@@ -183,7 +183,8 @@ def _ros_environment(domain_id: int | None) -> dict[str, str | None]:
 
 def _write_params(path: Path, config: AnticipateConfig, transport: str) -> Path:
     parameters = config.replace(input_transport=transport).to_dict()
-    parameters['checkpoint'] = str(Path(parameters['checkpoint']).resolve())
+    if parameters['checkpoint']:  # empty: untrained heads, not the current folder
+        parameters['checkpoint'] = str(Path(parameters['checkpoint']).resolve())
     path.write_text(yaml.safe_dump({'/**': {'ros__parameters': parameters}}, sort_keys=False))
     return path
 
