@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from malmm_ros.data.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
+from malmm_ros.ros.processes import stop_process
 
 __all__ = ['main']
 
@@ -153,17 +153,6 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _stop(process: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-    return process.returncode
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     console = Console()
@@ -233,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if replay_proc is not None:
-            _stop(replay_proc)
-        _stop(node_proc)
+            stop_process(replay_proc)
+        stop_process(node_proc)
         log.close()
         executor.shutdown()
         watch_node.destroy_node()

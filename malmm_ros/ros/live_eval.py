@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from malmm_ros.evaluation import (
     segment_metrics,
     timeline_from_predictions,
 )
+from malmm_ros.ros.processes import stop_process
 from malmm_ros.ros.replay import ReplayStats, replay
 
 __all__ = ['LiveRecording', 'evaluate_live', 'record_live']
@@ -196,18 +196,6 @@ def _log_tail(path: Path | None, lines: int = 20) -> str:
     return '\n'.join(text[-lines:])
 
 
-def _stop(process: subprocess.Popen, timeout: float = 15.0) -> int | None:
-    """SIGINT (the node's clean shutdown), then kill if it does not end."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    return process.returncode
-
-
 def _wait(condition: Any, timeout: float, process: subprocess.Popen, what: str,
           log: Path) -> None:
     deadline = time.monotonic() + timeout
@@ -284,7 +272,7 @@ def record_live(bag: str | os.PathLike, config: AnticipateConfig, *, out_dir: st
                                           rate=rate, ok=context.ok, progress_total=total)
             _settle(recorder, recording, node_process, expected_predictions, log_path)
         finally:
-            recording.node_exit = _stop(node_process)
+            recording.node_exit = stop_process(node_process)
             if executor is not None:
                 executor.shutdown(timeout_sec=5.0)
             if thread is not None:

@@ -5,12 +5,11 @@ The cases' node processes start a few at a time (each only reads its parameters 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_helpers.ros_driver import CONFIG, WAIT_S, NodeProcess
+from node_helpers.ros_driver import CONFIG, WAIT_S, NodeProcess, startup_outcome
 
 DOMAIN_ID = 225
 
@@ -50,22 +49,7 @@ def _params_file(directory: Path, prefix: str, replacement: str) -> Path:
     return path
 
 
-STARTED = 'malmm-edge on'  # the node's log line once it is up (the value was accepted)
 AT_ONCE = 4  # node processes starting together (each imports torch; the machine has 2 cores)
-
-
-def _outcome(process: NodeProcess, timeout: float) -> tuple[int | str, str]:
-    """(exit status, stderr), or ('started' | 'hung', stderr) for a process that did not exit."""
-    deadline = time.monotonic() + timeout
-    while process.proc.poll() is None:
-        if STARTED in process.stderr():
-            process.kill()
-            return 'started', process.stderr()
-        if time.monotonic() > deadline:
-            process.kill()
-            return 'hung', process.stderr()
-        time.sleep(0.1)
-    return process.proc.returncode, process.stderr()
 
 
 @pytest.fixture(scope='module')
@@ -85,7 +69,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory
             processes = [NodeProcess(DOMAIN_ID, log_dir=log_dir, name=name, **commands[name])
                          for name in batch]
             for name, process in zip(batch, processes, strict=True):
-                results[name] = _outcome(process, 2 * WAIT_S)
+                results[name] = startup_outcome(process, 2 * WAIT_S)
         yield results
     finally:
         for process in processes:

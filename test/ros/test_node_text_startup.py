@@ -3,13 +3,12 @@ no traceback; with text off, text settings are not looked at."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from node_helpers.ros_driver import WAIT_S, NodeProcess
+from node_helpers.ros_driver import WAIT_S, NodeProcess, startup_outcome
 
 from malmm_ros.config import AnticipateConfig
 from malmm_ros.data.labels import LabelMaps
@@ -19,7 +18,6 @@ from malmm_ros.model.text import TextProjector
 from malmm_ros.model.tiny_llm import write_tiny_llm
 
 DOMAIN_ID = 214
-STARTED = 'malmm-edge on'  # the node's log line once it is up
 AT_ONCE = 3  # node processes starting together (each imports torch; the machine has 2 cores)
 
 
@@ -54,20 +52,6 @@ def _cases(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-def _outcome(process: NodeProcess, timeout: float) -> tuple[int | str, str]:
-    """(exit status, stderr), or ('started' | 'hung', stderr) for a process that did not exit."""
-    deadline = time.monotonic() + timeout
-    while process.proc.poll() is None:
-        if STARTED in process.stderr():
-            process.kill()
-            return 'started', process.stderr()
-        if time.monotonic() > deadline:
-            process.kill()
-            return 'hung', process.stderr()
-        time.sleep(0.1)
-    return process.proc.returncode, process.stderr()
-
-
 @pytest.fixture(scope='module')
 def outcomes(tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[dict[str, tuple[tuple[int | str, str], list[str]]]]:
@@ -81,7 +65,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory
                      for name in batch]
         try:
             for name, process in zip(batch, processes, strict=True):
-                results[name] = (_outcome(process, WAIT_S), cases[name][1])
+                results[name] = (startup_outcome(process, WAIT_S), cases[name][1])
         finally:
             for process in processes:
                 process.kill()

@@ -529,3 +529,20 @@ def running_session(domain_id: int, params: Sequence[str], *, log_dir: Path,
         yield session
     finally:
         session.close()
+
+
+STARTED = 'malmm-edge on'  # the node's log line once it is up (its parameters were accepted)
+
+
+def startup_outcome(process: NodeProcess, timeout: float) -> tuple[int | str, str]:
+    """(exit status, stderr), or ('started' | 'hung', stderr) for a process that did not exit."""
+    deadline = time.monotonic() + timeout
+    while process.proc.poll() is None:
+        if STARTED in process.stderr():
+            process.kill()
+            return 'started', process.stderr()
+        if time.monotonic() > deadline:
+            process.kill()
+            return 'hung', process.stderr()
+        time.sleep(0.1)
+    return process.proc.returncode, process.stderr()
