@@ -19,7 +19,7 @@ import torch
 from malmm_ros.config import AnticipateConfig, TextConfig, load_config
 from malmm_ros.data.labels import LabelMaps, load_class_csv
 from malmm_ros.errors import FrameError
-from malmm_ros.model.checkpoint import load_checkpoint
+from malmm_ros.model.checkpoint import load_checkpoint, read_checkpoint_metadata
 from malmm_ros.model.encoder import check_image, resize_and_crop
 from malmm_ros.model.heads import verb_noun_action_topk
 from malmm_ros.model.malmm import MalmmModel
@@ -58,8 +58,12 @@ class AnticipationPipeline:
         self.encoder = encoder if encoder is not None else create_encoder(
             config.backend, device=config.device, threads=config.threads(),
             precision=config.precision, engine_dir=config.engine_dir or None)
+        self.protocol_warnings: list[str] = []
         if config.checkpoint:
             self.model = load_checkpoint(config.checkpoint, config.model, device=self.device)
+            self.protocol_warnings = _protocol_mismatches(config)
+            for warning in self.protocol_warnings:
+                _log.warning('%s', warning)
             self.trained = True
         else:
             with torch.random.fork_rng(devices=[]):
@@ -269,6 +273,24 @@ def _top_classes(probs: torch.Tensor, name_of: Any) -> tuple[ClassScore, ...]:
     scores, index = probs.topk(min(TOP_K, probs.numel()))
     return tuple(ClassScore(i, name_of(i), s)
                  for s, i in zip(scores.tolist(), index.tolist(), strict=True))
+
+
+def _protocol_mismatches(config: AnticipateConfig) -> list[str]:
+    """Where the config feeds the memory differently from how the checkpoint was trained.
+
+    Not an error (experimenting with M or the rate is legitimate), but the model then meets a
+    memory it never saw in training, so it is said once at start.
+    """
+    training = read_checkpoint_metadata(config.checkpoint).get('training', {})
+    out = []
+    for key, value in (('memory_bank_length', config.memory_bank_length),
+                       ('sample_fps', config.sample_fps)):
+        trained = training.get(key)
+        if isinstance(trained, int | float) and not isinstance(trained, bool) and \
+                float(trained) != float(value):
+            out.append(f'{key} is {value} but checkpoint {config.checkpoint} was trained with '
+                       f'{trained}: predictions may be worse than its validation metrics')
+    return out
 
 
 def _configured_labels(config: AnticipateConfig) -> LabelMaps:

@@ -110,3 +110,21 @@ def test_errors_are_clear(dataset, tmp_path: Path, capsys: pytest.CaptureFixture
     config = write_config(tmp_path / 'train3.yaml', tiny, features)
     assert main(['--config', str(config), '--no-progress', '--resume']) == 2
     assert 'no training state' in capsys.readouterr().err
+
+
+def test_pipeline_warns_when_the_memory_differs_from_training(dataset, tmp_path: Path,
+                                                              caplog) -> None:
+    tiny, features = dataset
+    config = write_config(tmp_path / 'train.yaml', tiny, features)
+    assert main(['--config', str(config), '--no-progress', '--set', 'optim.epochs=1']) == 0
+    checkpoint = str(tmp_path / 'run' / 'checkpoint.safetensors')
+    same = AnticipationPipeline.from_config(REPO / 'config' / 'anticipate.yaml',
+                                            checkpoint=checkpoint, num_threads=1)
+    assert same.protocol_warnings == []
+    with caplog.at_level('WARNING', logger='malmm_ros.pipeline.anticipation'):
+        other = AnticipationPipeline.from_config(REPO / 'config' / 'anticipate.yaml',
+                                                 checkpoint=checkpoint, num_threads=1,
+                                                 memory_bank_length=8, sample_fps=2.0)
+    assert len(other.protocol_warnings) == 2
+    assert 'memory_bank_length is 8 but checkpoint' in caplog.text
+    assert 'trained with 1.0' in caplog.text
