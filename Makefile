@@ -36,6 +36,9 @@ bench: $(STAMP)
 	$(PY) bench/stream_bench.py
 	$(PY) bench/encoder_bench.py
 	$(PY) bench/node_bench.py
+	$(PY) bench/text_bench.py
+	$(PY) bench/train_bench.py
+	$(PY) bench/memory_ablation.py
 
 clean:
 	rm -rf $(VENV) build install log *.egg-info
