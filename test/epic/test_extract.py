@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import cv2
 import numpy as np
 import pytest
 import simplejpeg
-import torch
 from safetensors.numpy import load_file, save_file
 from tiny_epic import TinyEpic, make_tiny_epic
 
@@ -45,12 +43,7 @@ SECONDS, FPS = 6.0, 30.0
 FP16_TOL = {'rtol': 2e-3, 'atol': 2e-3}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')  # test/conftest.py
 
 
 @pytest.fixture(scope='module')

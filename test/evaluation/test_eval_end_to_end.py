@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +39,7 @@ MODEL = {'num_layers': 2, 'hidden_size': 64, 'num_heads': 2, 'intermediate_size'
 M = 4
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')  # test/conftest.py
 
 
 @dataclass

@@ -4,12 +4,10 @@ one video."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from rosbags.rosbag2 import Writer
 from rosbags.typesys import Stores, get_typestore
 from tiny_epic import TinyEpic, make_tiny_epic
@@ -27,12 +25,7 @@ CONFIG = AnticipateConfig(sample_fps=2.0, memory_bank_length=3, num_threads=1, m
 TYPES = get_typestore(Stores.ROS2_KILTED)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')  # test/conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -30,12 +30,7 @@ WIDTH = 32
 PAIRS = [(0, 0), (1, 1), (2, 2), (3, 0)]  # verb c goes with noun PAIRS[c][1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('single_thread')  # test/conftest.py
 
 
 def labels() -> LabelMaps:
