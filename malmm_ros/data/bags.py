@@ -9,6 +9,7 @@ decoded is a FrameError naming its log time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
@@ -267,31 +268,20 @@ def _pixels(msgtype: str, msg: Any) -> np.ndarray:
                         bool(msg.is_bigendian), msg.data)
 
 
-def _decode(msgtype: str, rawdata: bytes) -> tuple[int, str, np.ndarray]:
-    msg = _deserialize(msgtype, rawdata)
-    return _header_stamp_ns(msg), str(msg.header.frame_id), _pixels(msgtype, msg)
-
-
 def read_camera_frames(path: str | Path, topic: str | None = None) -> Iterator[BagFrame]:
     """Yield the decoded RGB frames of one image topic (Image or CompressedImage) in log order.
 
     With `topic` None the bag must hold exactly one image topic, so a plain camera bag needs no
     arguments and an ambiguous one is refused rather than guessed.
     """
-    path = Path(path)
-    reader = _open(path)
-    try:
-        topic = _pick_image_topic(path, _topics(reader), topic)
-        connections = [c for c in reader.connections if c.topic == topic]
-        for connection, log_time, rawdata in _messages(reader, connections, path):
+    with contextlib.closing(iter_camera_messages(path, topic)) as messages:
+        for message in messages:
             try:
-                stamp_ns, frame_id, image = _decode(connection.msgtype, bytes(rawdata))
+                image = _pixels(message.msgtype, message.message)
             except FrameError as exc:
-                raise FrameError(f'{path} {topic} message at log time {log_time} ns: {exc}'
-                                 ) from exc
-            yield BagFrame(stamp_ns, int(log_time), frame_id, image)
-    finally:
-        reader.close()
+                raise FrameError(f'{path} {message.topic} message at log time '
+                                 f'{message.log_time_ns} ns: {exc}') from exc
+            yield BagFrame(message.stamp_ns, message.log_time_ns, message.frame_id, image)
 
 
 @dataclass(frozen=True)
@@ -307,6 +297,7 @@ class CameraMessage:
     frame_id: str
     msgtype: str
     message: Any  # the deserialized Image or CompressedImage
+    topic: str = ''
 
     def decode(self) -> np.ndarray:
         """HxWx3 uint8 RGB pixels; FrameError (naming the log time) if they cannot be used."""
@@ -332,7 +323,7 @@ def iter_camera_messages(path: str | Path, topic: str | None = None
                 raise FrameError(f'{path} {topic} message at log time {log_time} ns: {exc}'
                                  ) from exc
             yield CameraMessage(_header_stamp_ns(msg), int(log_time), str(msg.header.frame_id),
-                                connection.msgtype, msg)
+                                connection.msgtype, msg, topic)
     finally:
         reader.close()
 
