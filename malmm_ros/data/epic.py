@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from malmm_ros.data.csv_file import open_csv
 from malmm_ros.data.labels import LabelMaps, load_ek100_labels
 from malmm_ros.errors import DataError
 
@@ -237,10 +238,9 @@ class _Table:
 def _read_table(path: Path, what: str) -> _Table:
     """Read a CSV file with a header line; blank lines are skipped, ragged rows refused."""
     _refuse_pickle(path)
-    try:
-        # utf-8-sig drops a byte-order mark that spreadsheet tools like to add.
-        with path.open('r', encoding='utf-8-sig', newline='') as handle:
-            reader = csv.reader(handle)
+    with open_csv(path, what) as handle:
+        reader = csv.reader(handle)
+        try:
             header: list[str] | None = None
             header_line = 0
             rows: list[tuple[int, tuple[str, ...]]] = []
@@ -256,16 +256,8 @@ def _read_table(path: Path, what: str) -> _Table:
                         f'(line {header_line}) has {len(header)}'
                     )
                 rows.append((reader.line_num, tuple(cells)))
-    except FileNotFoundError:
-        raise DataError(f'{what} not found') from None
-    except IsADirectoryError:
-        raise DataError(f'{what} is a directory, expected a CSV file') from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f'{what} is not valid UTF-8: {exc.reason} at byte {exc.start}') from None
-    except csv.Error as exc:
-        raise DataError(f'{what}, line {reader.line_num}: malformed CSV: {exc}') from None
-    except OSError as exc:
-        raise DataError(f'{what} cannot be read: {exc.strerror or exc}') from None
+        except csv.Error as exc:
+            raise DataError(f'{what}, line {reader.line_num}: malformed CSV: {exc}') from None
     if header is None:
         raise DataError(f'{what} is empty (expected a header line)')
     duplicates = sorted({name for name in header if header.count(name) > 1})

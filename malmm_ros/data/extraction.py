@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from malmm_ros.data.csv_file import open_csv
 from malmm_ros.data.features import (
     FEATURES_SUFFIX,
     PARTIAL_SUFFIX,
@@ -157,8 +158,8 @@ def read_video_fps(path: str | os.PathLike) -> dict[str, float]:
     """{video_id: fps} from EPIC_100_video_info.csv (columns video_id, duration, fps, ...)."""
     path = Path(path)
     what = f'video info file {path}'
-    try:
-        with path.open('r', encoding='utf-8-sig', newline='') as handle:
+    with open_csv(path, what) as handle:
+        try:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in reader.fieldnames or []]
             for column in ('video_id', 'fps'):
@@ -181,12 +182,8 @@ def read_video_fps(path: str | os.PathLike) -> dict[str, float]:
                     raise DataError(f"{what}, line {line}, column 'fps': expected a positive "
                                     f'number, got {raw!r}')
                 fps[video_id] = value
-    except FileNotFoundError:
-        raise DataError(f'{what} not found') from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f'{what} is not valid UTF-8: {exc.reason}') from None
-    except (OSError, csv.Error) as exc:
-        raise DataError(f'{what} cannot be read: {exc}') from None
+        except csv.Error as exc:
+            raise DataError(f'{what} cannot be read: {exc}') from None
     if not fps:
         raise DataError(f'{what} lists no videos')
     return fps

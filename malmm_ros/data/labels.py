@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from malmm_ros.data.csv_file import open_csv
 from malmm_ros.errors import DataError
 
 __all__ = [
@@ -326,18 +327,8 @@ def load_class_csv(path: str | os.PathLike[str], *, kind: str) -> tuple[ClassLab
     """
     path = Path(path)
     what = f'{kind} class file {path}'
-    try:
-        # utf-8-sig drops a byte-order mark that spreadsheet tools like to add.
-        with path.open('r', encoding='utf-8-sig', newline='') as handle:
-            return _read_class_rows(csv.reader(handle), what)
-    except FileNotFoundError:
-        raise DataError(f'{what} not found') from None
-    except IsADirectoryError:
-        raise DataError(f'{what} is a directory, expected a CSV file') from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f'{what} is not valid UTF-8: {exc.reason} at byte {exc.start}') from None
-    except OSError as exc:
-        raise DataError(f'{what} cannot be read: {exc.strerror or exc}') from None
+    with open_csv(path, what) as handle:
+        return _read_class_rows(csv.reader(handle), what)
 
 
 def _read_class_rows(reader: Any, what: str) -> tuple[ClassLabel, ...]:
