@@ -41,29 +41,12 @@ def window_queries(runner: WindowModel, source: WindowSource, *, batch_size: int
     runner.eval()
     model = runner.model
     out = torch.zeros(len(source), model.config.num_queries, model.config.hidden_size)
-    queries_of = _LastQueries(model)
     with torch.inference_mode():
         for index in tqdm(plan_batches(source, batch_size, shuffle=False), desc='queries',
                           unit='batch', disable=not progress):
             batch = source.batch(index)
-            runner(batch.tokens, batch.times_s)
-            out[index] = queries_of.value.float().cpu()
-    queries_of.remove()
+            out[index] = runner.queries(batch.tokens, batch.times_s).float().cpu()
     return out
-
-
-class _LastQueries:
-    """Records what the heads were given: the window's final query outputs."""
-
-    def __init__(self, model) -> None:
-        self.value: torch.Tensor | None = None
-        self._hook = model.heads.register_forward_pre_hook(self._keep)
-
-    def _keep(self, _module, args) -> None:
-        self.value = args[0]
-
-    def remove(self) -> None:
-        self._hook.remove()
 
 
 def run_caption(config: TrainConfig, *, resume: bool = False, progress: bool = True,

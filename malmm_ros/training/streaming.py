@@ -34,6 +34,11 @@ class WindowModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, times_s: Sequence[float]) -> HeadLogits:
         """tokens [B, K, P, F] of K frames at times_s (ascending) -> logits after the last."""
+        return self.model.classify(self.queries(tokens, times_s))
+
+    def queries(self, tokens: torch.Tensor, times_s: Sequence[float]) -> torch.Tensor:
+        """The last frame's query outputs [B, Q, D] (what the heads and the text projector
+        read)."""
         if tokens.dim() != 4 or tokens.shape[1] != len(times_s) or not len(times_s):
             raise ValueError(f'tokens {tuple(tokens.shape)} do not match {len(times_s)} times')
         if self.current_frame_only:
@@ -44,4 +49,4 @@ class WindowModel(nn.Module):
         queries = None
         for t, now_s in enumerate(times_s):
             queries = self.model.step(tokens[:, t], float(now_s), memory)
-        return self.model.classify(queries)
+        return queries

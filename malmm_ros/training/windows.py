@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from malmm_ros.data.epic import observation_times
 from malmm_ros.data.labels import LabelMaps
 
 __all__ = ['FeatureWindows', 'InMemoryWindows', 'WindowBatch', 'WindowSource', 'plan_batches']
@@ -111,8 +112,6 @@ class FeatureWindows(WindowSource):
 
     def __init__(self, store, samples: Sequence, labels: LabelMaps, *, sample_fps: float,
                  max_lag_s: float = 1.0) -> None:
-        from malmm_ros.data.epic import observation_times
-
         self.store = store
         self.samples = list(samples)
         self.kept: list[int] = []
