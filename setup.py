@@ -33,7 +33,7 @@ setup(
             'malmm-pipeline-demo = malmm_ros.cli.pipeline_demo:main',
             'malmm-make-bag = malmm_ros.cli.make_bag:main',
             'malmm-replay = malmm_ros.ros.replay:main',
-            'malmm-anticipate = malmm_ros.ros.anticipate_node:main',
+            'malmm-anticipate = malmm_ros.ros.anticipate_main:main',
             'malmm-export = malmm_ros.cli.export:main',
             'malmm-extract = malmm_ros.cli.extract:main',
             'malmm-train = malmm_ros.cli.train:main',

@@ -5,9 +5,19 @@ process, publishes real photos (a panning crop over scikit-image images) at 30 H
 --seconds, and measures: frames the node received and processed, frames it dropped because
 inference was busy, end-to-end latency (publish of a frame to receipt of the /malmm/actions
 message stamped with it, both in this process), the pipeline step latency the node reports,
-and the node's RSS at start and end. Prints markdown tables.
+the rate of /malmm/actions and its longest gap, and the node's RSS at start and end. Prints
+markdown tables.
 
     .venv/bin/python bench/node_bench.py [--seconds 60] [--rate 30] [--size 480x640]
+
+With --llm, text descriptions are on (every prediction asks for one) and the tables show what a
+busy describer costs /malmm/actions: `--llm random` writes the slow random Llama of
+test/ros/test_node_text.py (6 x 384, never ends early, 300 tokens); a folder is any local
+causal LM. What that test used to assert (at least 85 % of the camera rate, no gap over four
+frame periods) is read here:
+
+    .venv/bin/python bench/node_bench.py --llm random --rate 8 --size 240x320 \
+        --params sample_fps:=0.0
 
 Keep DDS on this machine: ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and a ROS_DOMAIN_ID of its own
 are set here if missing; the Fast DDS profile in config/ is used unless one is already set.
@@ -22,6 +32,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,19 +67,21 @@ def _cpu_model() -> str:
     return platform.processor() or 'unknown'
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--seconds', type=float, default=60.0)
-    parser.add_argument('--rate', type=float, default=30.0, help='camera rate (Hz)')
-    parser.add_argument('--size', default='480x640', help='HxW')
-    parser.add_argument('--warmup', type=float, default=10.0,
-                        help='seconds published before the start RSS is read (first '
-                             'inference allocates its working memory once)')
-    parser.add_argument('--params', nargs='*', default=[],
-                        help='extra node parameters, e.g. sample_fps:=4.0')
-    args = parser.parse_args()
-    height, width = (int(v) for v in args.size.split('x'))
+def _text_params(llm: str | None, tmp: Path) -> list[str]:
+    """Node parameters that turn descriptions on for every prediction (none without --llm)."""
+    if llm is None:
+        return []
+    if llm == 'random':
+        from malmm_ros.model.tiny_llm import write_tiny_llm
+        folder = write_tiny_llm(tmp / 'slow-llama', hidden_size=384, num_layers=6,
+                                endless=True)
+        return ['text.enabled:=true', f'text.model_path:={folder}',
+                'text.every_n_predictions:=1', 'text.max_new_tokens:=300']
+    return ['text.enabled:=true', f'text.model_path:={llm}', 'text.every_n_predictions:=1']
 
+
+def run(args: argparse.Namespace, params: list[str], height: int, width: int) -> int:
+    """Start the node with `params`, stream frames into it and print the tables."""
     # 30 distinct frames, cycled: building messages must not slow the publisher down.
     frames = [img for img, _ in panning_frames(30 / args.rate, args.rate, size=(height, width))]
     messages = []
@@ -81,7 +94,7 @@ def main() -> int:
     cmd = [str(Path(sys.executable).parent / 'malmm-anticipate'), '--ros-args',
            '--params-file', str(ROOT / 'config' / 'anticipate.yaml'),
            '-r', 'image:=/bench/image_raw']
-    for extra in args.params:
+    for extra in params:
         cmd += ['-p', extra]
     node_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  text=True)
@@ -91,6 +104,7 @@ def main() -> int:
     executor.add_node(node)
     publisher = node.create_publisher(Image, '/bench/image_raw', 10)
     published: dict[int, float] = {}
+    arrivals: list[float] = []  # receipt times of the predictions of frames sent here
     end_to_end: list[float] = []
     step_ms: list[float] = []
     diagnostics: dict[str, str] = {}
@@ -99,6 +113,7 @@ def main() -> int:
         data = json.loads(msg.data)
         stamp = data['stamp']['sec'] * 1_000_000_000 + data['stamp']['nanosec']
         if stamp in published:
+            arrivals.append(time.perf_counter())
             end_to_end.append((time.perf_counter() - published[stamp]) * 1e3)
             step_ms.append(data['latency_ms']['total'])
 
@@ -155,12 +170,26 @@ def main() -> int:
     print(f'\n## Node benchmark ({args.warmup:.0f} s warm-up + {args.seconds:.0f} s of '
           f'{width}x{height} rgb8 at {args.rate:.0f} Hz)\n')
     print(f'Machine: {_cpu_model()}, {os.cpu_count()} cores; node parameters: '
-          f'config/anticipate.yaml {" ".join(args.params)}\n')
+          f'config/anticipate.yaml {" ".join(params)}\n')
     print('| published | node frames in | sampled | processed | dropped | predictions |')
     print('|---|---|---|---|---|---|')
     print(f'| {count} | {diagnostics.get("frames_in", "?")} | '
           f'{diagnostics.get("frames_sampled", "?")} | {diagnostics.get("processed", "?")} | '
           f'{diagnostics.get("dropped", "?")} | {len(e2e)} |\n')
+    if len(arrivals) > 1:
+        rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+        gap = max(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+        print('| /malmm/actions Hz | of the camera rate | longest gap s | in frame periods |')
+        print('|---|---|---|---|')
+        print(f'| {rate:.2f} | {rate / args.rate:.0%} | {gap:.3f} | {gap * args.rate:.1f} |\n')
+    if 'text_requested' in diagnostics:
+        print('| descriptions requested | published | dropped (describer busy) | failed | '
+              'text latency p50 ms |')
+        print('|---|---|---|---|---|')
+        print(f'| {diagnostics["text_requested"]} | {diagnostics.get("text_published", "?")} | '
+              f'{diagnostics.get("text_dropped_busy", "?")} | '
+              f'{diagnostics.get("text_failed", "?")} | '
+              f'{diagnostics.get("text_latency_p50_ms", "?")} |\n')
     if len(e2e):
         print('| latency (ms) | p50 | p95 | p99 |')
         print('|---|---|---|---|')
@@ -182,6 +211,25 @@ def main() -> int:
     print(f'Target RSS growth < 5 MB: {rss_end - rss_start:+.1f} MB -> '
           f'{"met" if rss_end - rss_start < 5 else "NOT met"}')
     return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--seconds', type=float, default=60.0)
+    parser.add_argument('--rate', type=float, default=30.0, help='camera rate (Hz)')
+    parser.add_argument('--size', default='480x640', help='HxW')
+    parser.add_argument('--warmup', type=float, default=10.0,
+                        help='seconds published before the start RSS is read (first '
+                             'inference allocates its working memory once)')
+    parser.add_argument('--params', nargs='*', default=[],
+                        help='extra node parameters, e.g. sample_fps:=4.0')
+    parser.add_argument('--llm', help="describe every prediction with this local causal LM "
+                        "folder, or 'random' for the tests' slow random Llama")
+    args = parser.parse_args()
+    height, width = (int(v) for v in args.size.split('x'))
+    with tempfile.TemporaryDirectory() as tmp:
+        params = _text_params(args.llm, Path(tmp)) + args.params  # the user's -p come last
+        return run(args, params, height, width)
 
 
 if __name__ == '__main__':

@@ -17,10 +17,6 @@ def generate_launch_description() -> LaunchDescription:
     """Arguments override the params file for the settings most often changed per camera."""
     default_params = os.path.join(
         get_package_share_directory('malmm_ros'), 'config', 'anticipate.yaml')
-    # Camera-sized best-effort samples need bigger DDS buffers (see config/fastdds.xml); a
-    # profile the user already chose wins.
-    dds_profile = os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE',
-                                 os.path.join(os.path.dirname(default_params), 'fastdds.xml'))
     image_topic = LaunchConfiguration('image_topic')
     input_transport = LaunchConfiguration('input_transport')
     backend = LaunchConfiguration('backend')
@@ -49,12 +45,9 @@ def generate_launch_description() -> LaunchDescription:
             namespace=namespace,
             # Later entries win: the explicit arguments override the file.
             parameters=[params_file, {'input_transport': input_transport, 'backend': backend}],
-            # The node subscribes to exactly one of these, chosen by input_transport.
-            remappings=[
-                ('image', image_topic),
-                ('image/compressed', [image_topic, '/compressed']),
-            ],
-            additional_env={'FASTDDS_DEFAULT_PROFILES_FILE': dds_profile},
+            # With input_transport compressed the node reads `<image_topic>/compressed`. It
+            # applies the package's Fast DDS profile itself when none is exported.
+            remappings=[('image', image_topic)],
             output='screen',
             emulate_tty=True,
         ),

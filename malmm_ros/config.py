@@ -25,8 +25,10 @@ __all__ = [
     'ModelConfig',
     'QosConfig',
     'TextConfig',
+    'field_specs',
     'flatten',
     'load_config',
+    'parameter_help',
 ]
 
 
@@ -268,6 +270,40 @@ def load_config(source: str | os.PathLike | dict[str, Any] | AnticipateConfig | 
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: expected a mapping at the top level')
     return AnticipateConfig.from_dict(data, source=str(path))
+
+
+def field_specs(config_cls: type = AnticipateConfig, prefix: str = '') -> dict[str, Any]:
+    """{dotted name: dataclasses.Field} for every leaf field of the schema."""
+    specs: dict[str, Any] = {}
+    for f in dataclasses.fields(config_cls):
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            specs.update(field_specs(factory, f'{prefix}{f.name}.'))
+        else:
+            specs[f'{prefix}{f.name}'] = f
+    return specs
+
+
+def parameter_help() -> str:
+    """Every parameter with its default, valid values and meaning, one block each (--help)."""
+    defaults = AnticipateConfig().to_parameters()
+    lines = []
+    for name, spec in field_specs().items():
+        meta = spec.metadata
+        lo, hi = meta.get('range', (None, None))
+        if meta.get('choices'):
+            valid = ' | '.join(meta['choices'])
+        elif lo is not None or hi is not None:
+            valid = f'{_number(lo)} .. {_number(hi)}'
+        else:
+            valid = spec.type
+        lines.append(f'  {name} (default {defaults[name]!r}; {valid})')
+        lines.append(f'      {meta.get("doc", "")}')
+    return '\n'.join(lines)
+
+
+def _number(value: float | None) -> str:
+    return '' if value is None else f'{value:g}'
 
 
 def flatten(data: dict[str, Any], prefix: str = '') -> dict[str, Any]:

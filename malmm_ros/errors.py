@@ -5,7 +5,8 @@ Messages name the file, field or value at fault so a user can fix the input with
 
 from __future__ import annotations
 
-__all__ = ['CheckpointError', 'ConfigError', 'DataError', 'FrameError', 'MalmmError']
+__all__ = ['CheckpointError', 'ConfigError', 'DataError', 'FrameError', 'MalmmError',
+           'OutputError']
 
 
 class MalmmError(Exception):
@@ -26,3 +27,7 @@ class FrameError(MalmmError, ValueError):
 
 class DataError(MalmmError):
     """An annotation or feature file is malformed."""
+
+
+class OutputError(MalmmError):
+    """A model output that must not be published (not finite: broken weights or input)."""

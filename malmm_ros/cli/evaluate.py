@@ -13,6 +13,9 @@ ts - ta; segments with none are misses.
 
 Writes <out>/metrics.json, <out>/submission.json (challenge format) and <out>/report/
 (summary.md, plots); live mode puts direct mode's files in <out>/direct/.
+
+Without a trained checkpoint, `malmm-export checkpoint --untrained --out CK` makes one to
+smoke-test with; metrics.json then says "trained": false and summary.md opens with UNTRAINED.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help='malmm-extract output folder (features mode: the whole split)')
     parser.add_argument('--annotations', metavar='CSV', required=True,
                         help='EK-100 segment CSV, e.g. EPIC_100_validation.csv')
-    parser.add_argument('--checkpoint', metavar='CK', required=True,
-                        help='trained safetensors checkpoint (malmm-train)')
+    parser.add_argument('--checkpoint', metavar='CK',
+                        help='safetensors checkpoint (default: malmm-train\'s output, '
+                             'runs/train/checkpoint.safetensors); without a trained one, '
+                             'smoke-test with: malmm-export checkpoint --untrained --out CK')
     parser.add_argument('--video-id', nargs='+', metavar='ID',
                         help='the bag\'s video (direct/live: one, required); features mode: '
                              'only these videos')
@@ -124,9 +129,28 @@ def _check_args(args: argparse.Namespace) -> None:
     for level in ('sls_pt', 'sls_tl', 'sls_td'):
         if not 0 <= getattr(args, level) <= 5:
             raise ConfigError(f'--{level.replace("_", "-")} must be in 0..5')
-    for flag, path in (('--annotations', args.annotations), ('--checkpoint', args.checkpoint)):
-        if not Path(path).is_file():
-            raise ConfigError(f'{flag} {path} does not exist or is not a file')
+    if not Path(args.annotations).is_file():
+        raise ConfigError(f'--annotations {args.annotations} does not exist or is not a file')
+
+
+def _checkpoint_path(given: str | None) -> Path:
+    """The checkpoint to score: --checkpoint, else malmm-train's default output; a missing one
+    is a ConfigError that names it and says how to make an untrained one to smoke-test with."""
+    if given is not None:
+        path, origin = Path(given), '--checkpoint'
+    else:
+        from malmm_ros.training.config import TrainConfig
+        from malmm_ros.training.loop import CHECKPOINT_NAME
+
+        path = Path(TrainConfig().out_dir) / CHECKPOINT_NAME
+        origin = 'no --checkpoint given; malmm-train\'s default output'
+    if path.is_file():
+        return path
+    tried = path.resolve()
+    what = 'is a folder, not a checkpoint file' if path.is_dir() else 'does not exist'
+    raise ConfigError(f'checkpoint {tried} ({origin}) {what}. No trained checkpoint? Make an '
+                      f'untrained one to smoke-test with: malmm-export checkpoint --untrained '
+                      f'--out {tried}')
 
 
 def _write(out: Path, evaluation: Any, args: argparse.Namespace,
@@ -183,9 +207,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     )
 
     _check_args(args)
-    checkpoint = open_checkpoint(args.checkpoint, tau_a=args.tau_a, tau_o=args.tau_o,
-                                 sample_fps=args.sample_fps,
+    checkpoint = open_checkpoint(_checkpoint_path(args.checkpoint), tau_a=args.tau_a,
+                                 tau_o=args.tau_o, sample_fps=args.sample_fps,
                                  memory_bank_length=args.memory_length)
+    if not checkpoint.trained:
+        console.print(f'[bold yellow]UNTRAINED checkpoint[/] {checkpoint.path}: seeded random '
+                      'weights, so every number below is chance-level (a smoke test only)')
     if checkpoint.protocol.tau_a != 1.0:
         console.print(f'[yellow]note[/]: tau_a = {checkpoint.protocol.tau_a:g} s; the EK-100 '
                       'protocol anticipates 1 s ahead')

@@ -1,13 +1,22 @@
-"""malmm-export: export the encoder to ONNX, or compile a TensorRT engine into the cache.
+"""malmm-export: export the encoder to ONNX, compile a TensorRT engine, or write an untrained
+checkpoint.
 
     malmm-export onnx [--out engines/efficientnet_lite0.onnx] [--opset 17]
     malmm-export engine [--precision fp16|int8|fp32] [--calib BAG_OR_DIR] [--onnx PATH]
                         [--engine-dir DIR]
+    malmm-export checkpoint --untrained --out OUT.safetensors [--config YAML]
+                            [--labels-dir DIR] [--force]
+
+The untrained checkpoint holds the seeded random model the node runs without a checkpoint, in
+the config's architecture: enough to smoke-test malmm-eval and the node before any training.
+It is marked untrained, and every tool that reports on it says so. Trained checkpoints come
+from malmm-train.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import sys
@@ -16,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from malmm_ros.errors import ConfigError, MalmmError
+from malmm_ros.errors import CheckpointError, ConfigError, MalmmError
 from malmm_ros.model.encoder import resize_and_crop
 from malmm_ros.runtime.onnx_export import ONNX_FILENAME, default_engine_dir, export_onnx
 
 __all__ = ['calibration_frames', 'main']
+
+_DEFAULT_CONFIG = Path('config/anticipate.yaml')
 
 
 def calibration_frames(source: str | Path, limit: int) -> Iterator[np.ndarray]:
@@ -51,18 +62,71 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument('--calib-frames', type=int, default=200)
     engine.add_argument('--onnx', default=None, help='ONNX file (default: export if missing)')
     engine.add_argument('--engine-dir', default=None, help='cache folder')
+    checkpoint = sub.add_parser('checkpoint', help='write an untrained checkpoint (for smoke '
+                                'tests; trained ones come from malmm-train)')
+    checkpoint.add_argument('--untrained', action='store_true',
+                            help='required: say that the checkpoint is to be untrained')
+    checkpoint.add_argument('--out', required=True, metavar='OUT.safetensors')
+    checkpoint.add_argument('--config', default=None, metavar='YAML',
+                            help='node config whose model architecture, memory length and '
+                                 'sampling rate to use (default config/anticipate.yaml when it '
+                                 'exists, else the built-in defaults)')
+    checkpoint.add_argument('--labels-dir', default=None, metavar='DIR',
+                            help='EK-100 annotations folder with EPIC_100_verb_classes.csv and '
+                                 'EPIC_100_noun_classes.csv (default: the config\'s labels, '
+                                 'else placeholder names)')
+    checkpoint.add_argument('--force', action='store_true',
+                            help='replace OUT even if it holds a trained checkpoint')
     return parser.parse_args(argv)
+
+
+def _untrained_checkpoint(args: argparse.Namespace) -> Path:
+    from malmm_ros.config import load_config
+    from malmm_ros.data.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
+    from malmm_ros.model.checkpoint import checkpoint_is_trained, save_untrained_checkpoint
+
+    if not args.untrained:
+        raise ConfigError('malmm-export checkpoint writes untrained checkpoints only, for smoke '
+                          'tests: pass --untrained; trained checkpoints come from malmm-train')
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f'--out {out} is a folder; name the .safetensors file to write')
+    if out.exists() and not args.force:
+        try:
+            trained = checkpoint_is_trained(out)
+        except CheckpointError:
+            trained = False  # not a checkpoint: nothing trained to lose
+        if trained:
+            raise ConfigError(f'--out {out.resolve()} holds a trained checkpoint; pass --force '
+                              'to replace it with an untrained one, or choose another path')
+    source = args.config if args.config is not None else (
+        _DEFAULT_CONFIG if _DEFAULT_CONFIG.is_file() else None)
+    config = load_config(source)
+    if args.labels_dir is not None:
+        labels_dir = Path(args.labels_dir)
+        if not labels_dir.is_dir():
+            raise ConfigError(f'--labels-dir {labels_dir} is not a folder')
+        config = config.replace(labels=dataclasses.replace(
+            config.labels, verb_classes=str(labels_dir / VERB_CLASSES_FILE),
+            noun_classes=str(labels_dir / NOUN_CLASSES_FILE)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_untrained_checkpoint(out, config)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s: %(message)s')
     try:
+        if args.what == 'checkpoint':
+            path = _untrained_checkpoint(args)
+            print(f'wrote {path}: UNTRAINED (seeded random weights, chance-level predictions; '
+                  'for smoke tests only)')
+            return 0
         if args.what == 'onnx':
             out = Path(args.out) if args.out else default_engine_dir() / ONNX_FILENAME
             print(f'wrote {export_onnx(out, opset=args.opset)}')
             return 0
-        from malmm_ros.runtime.onnxruntime_encoder import ensure_onnx
+        from malmm_ros.runtime.onnx_export import ensure_onnx
         from malmm_ros.runtime.tensorrt_encoder import TensorRTEncoder, tensorrt_available
 
         available, why = tensorrt_available()
@@ -72,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.precision == 'int8' and not args.calib:
             raise ConfigError('int8 needs calibration frames: --calib BAG_OR_DIR')
         frames = (calibration_frames(args.calib, args.calib_frames) if args.calib else None)
-        encoder = TensorRTEncoder(ensure_onnx(args.onnx),
+        encoder = TensorRTEncoder(ensure_onnx(args.onnx, args.engine_dir),
                                   cache_dir=Path(args.engine_dir or default_engine_dir()),
                                   precision=args.precision, calibration_frames=frames)
         print(f'engine ready: {encoder.name}')
         return 0
-    except MalmmError as exc:
+    except (MalmmError, OSError) as exc:
         print(f'ERROR: {exc}', file=sys.stderr)
         return 1
 

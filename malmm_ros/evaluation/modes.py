@@ -41,7 +41,7 @@ from malmm_ros.evaluation.feature_scores import (
 from malmm_ros.evaluation.report import Evaluation, latency_summary
 from malmm_ros.evaluation.scoring import TOP_PAIRS, score_segments, segment_metrics
 from malmm_ros.evaluation.timeline import Timeline, bag_timeline
-from malmm_ros.model.checkpoint import load_checkpoint, read_checkpoint_metadata
+from malmm_ros.model.checkpoint import is_trained, load_checkpoint, read_checkpoint_metadata
 
 __all__ = ['AnnotationContext', 'Checkpoint', 'evaluate_direct', 'evaluate_features',
            'evaluate_timeline', 'load_annotations', 'node_config', 'open_checkpoint',
@@ -58,6 +58,11 @@ class Checkpoint:
     metadata: dict[str, Any]
     labels: LabelMaps
     protocol: ProtocolSettings
+
+    @property
+    def trained(self) -> bool:
+        """False for an untrained checkpoint (malmm-export checkpoint --untrained)."""
+        return is_trained(self.metadata)
 
     @property
     def action_scoring(self) -> str:
@@ -203,7 +208,8 @@ def evaluate_timeline(mode: str, timeline: Timeline, samples: Sequence[Anticipat
               if key in timeline.stats}
     record = {'timeline': {**frames, 'segments_after_last_frame': after}}
     return Evaluation(mode, scores, checkpoint.labels, _metrics(scores, context), settings,
-                      inputs, runtime_s, {**record, **(extra or {})})
+                      inputs, runtime_s, {**record, **(extra or {})},
+                      checkpoint=str(checkpoint.path.resolve()), trained=checkpoint.trained)
 
 
 def evaluate_direct(bag: str | os.PathLike, video_id: str, checkpoint: Checkpoint,
@@ -254,4 +260,5 @@ def evaluate_features(features: str | os.PathLike, checkpoint: Checkpoint,
               'checkpoint': str(checkpoint.path),
               'videos': sorted({s.video_id for s in segments})}
     return Evaluation('features', scores, checkpoint.labels, _metrics(scores, context),
-                      settings, inputs, time.perf_counter() - began, {'windows': windows})
+                      settings, inputs, time.perf_counter() - began, {'windows': windows},
+                      checkpoint=str(checkpoint.path.resolve()), trained=checkpoint.trained)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ class Evaluation:
     """One evaluation run: its scores per segment, metrics and everything needed to report it.
 
     `metrics` is None when the segments carry no labels (test timestamps: submission only).
-    `latency_ms` holds end-to-end latencies (live mode) for the histogram.
+    `latency_ms` holds end-to-end latencies (live mode) for the histogram. `trained` is False
+    for an untrained checkpoint (malmm-export checkpoint --untrained): chance-level numbers.
     """
 
     mode: str
@@ -52,11 +53,16 @@ class Evaluation:
     runtime_s: float
     extra: dict[str, Any] = field(default_factory=dict)
     latency_ms: np.ndarray | None = None
+    _: KW_ONLY
+    checkpoint: str  # the checkpoint scored, as an absolute path
+    trained: bool
 
     def to_dict(self) -> dict[str, Any]:
         return {
             'format': EVAL_FORMAT,
             'mode': self.mode,
+            'checkpoint': self.checkpoint,
+            'trained': self.trained,
             'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
             'inputs': self.inputs,
             'settings': self.settings,
@@ -305,8 +311,14 @@ def write_report(folder: str | os.PathLike, evaluation: Evaluation, *,
 
     inputs = record.get('inputs', {})
     where = inputs.get('video_id') or inputs.get('features') or ''
-    lines = [f'# malmm-eval: {evaluation.mode} mode{f" on {where}" if where else ""}', '',
-             f'Created {record.get("created", "")}; ran {record.get("runtime_s", 0):.1f} s.', '']
+    lines = [f'# malmm-eval: {evaluation.mode} mode{f" on {where}" if where else ""}', '']
+    if not evaluation.trained:
+        lines += [f'> **UNTRAINED checkpoint** ({evaluation.checkpoint}): these numbers are '
+                  'chance-level. It holds seeded random weights (malmm-export checkpoint '
+                  '--untrained) and only shows that the tools run; train one with malmm-train.',
+                  '']
+    lines += [f'Created {record.get("created", "")}; ran {record.get("runtime_s", 0):.1f} s.',
+              '']
     lines += _key_values('Inputs', inputs)
     lines += _key_values('Settings', record.get('settings', {}))
     lines += _key_values('Segments', record.get('segments', {}))

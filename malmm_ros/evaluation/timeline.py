@@ -1,10 +1,11 @@
 """Timelines: every prediction over one video, with its video time and its full scores.
 
 Direct mode (`bag_timeline`) reads every message of a camera bag, samples by stamp exactly as
-the node does (its callback's FrameSampler, then a pipeline that takes every frame it is
-given), decodes only the sampled frames and keeps, for each prediction, the softmax of every
-verb, noun and action. It runs one frame at a time in bag order, so it is deterministic and
-drops nothing: the reference the live run is compared with.
+the node does (the pipeline's sampling stage decides before a frame is decoded and the
+pipeline takes the frame with that verdict), decodes only the sampled frames and keeps, for
+each prediction, the softmax of every verb, noun and action. It runs one frame at a time in
+bag order, so it is deterministic and drops nothing: the reference the live run is compared
+with.
 
 Live mode's messages (/malmm/actions JSON v1, top-5 lists) become a timeline through
 `timeline_from_predictions`, with zeros for the classes the messages do not list.
@@ -33,7 +34,6 @@ from malmm_ros.errors import DataError, FrameError
 from malmm_ros.evaluation.scoring import ScoreRows
 from malmm_ros.pipeline.anticipation import AnticipationPipeline
 from malmm_ros.pipeline.prediction import SCHEMA
-from malmm_ros.pipeline.sampler import FrameSampler
 
 __all__ = ['Timeline', 'bag_timeline', 'timeline_from_predictions']
 
@@ -90,8 +90,7 @@ def bag_timeline(bag: str | os.PathLike, config: AnticipateConfig, *, topic: str
         found = sorted(bag_info(bag)['topics'])
         raise DataError(f'{bag} holds no sensor_msgs/Image or CompressedImage topic (it has '
                         f'{found})')
-    pipeline = AnticipationPipeline(config.replace(sample_fps=0.0))  # sampling happens here
-    sampler = FrameSampler(config.sample_fps)
+    pipeline = AnticipationPipeline(config)
     info = bag_info(bag)
     total = (info['topics'][topic]['count'] if topic in info['topics']
              else sum(t['count'] for name, t in info['topics'].items() if name in topics))
@@ -118,11 +117,13 @@ def bag_timeline(bag: str | os.PathLike, config: AnticipateConfig, *, topic: str
                     f'back by {(last_ns - stamp) / 1e9:.3f} s; evaluation needs one pass over '
                     'one video (split looped or concatenated recordings)')
             last_ns = stamp
-            if not sampler.accept(stamp):
+            admission = pipeline.sampler.admit(stamp)  # before decoding, as the node does
+            if not admission.accepted:
                 continue
             stats['sampled'] += 1
             try:
-                prediction = pipeline.push(message.decode(), stamp, message.frame_id)
+                prediction = pipeline.push(message.decode(), stamp, message.frame_id,
+                                           admission=admission)
             except FrameError as exc:
                 stats['bad_frames'] += 1
                 _log.warning('%s: bad frame skipped: %s', bag, exc)

@@ -7,6 +7,11 @@ ever unpickled. One file keeps the weights and the labels they were trained with
 A checkpoint may also carry a text projector (malmm_ros.model.text): its tensors live under
 "text_projector." and its metadata (the LLM's name and hidden size, the prompt) under
 "text_projector" in the header. The main model's loading ignores them.
+
+An untrained checkpoint (`save_untrained_checkpoint`, malmm-export checkpoint --untrained)
+holds the seeded random model the pipeline runs without one, marked "untrained" in its training
+section, so tools can be smoke-tested before any training and still say the numbers mean
+nothing (`checkpoint_is_trained`). Loading refuses NaN or infinite weights.
 """
 
 from __future__ import annotations
@@ -20,19 +25,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from malmm_ros.config import ModelConfig, model_preset
-from malmm_ros.data.labels import LabelMaps
+from malmm_ros.config import AnticipateConfig, ModelConfig, model_preset
+from malmm_ros.data.labels import LabelMaps, load_class_csv
 from malmm_ros.errors import CheckpointError, ConfigError, DataError
 from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.model.text import TextProjector
 
-__all__ = ['CHECKPOINT_FORMAT', 'TEXT_PROJECTOR_PREFIX', 'load_checkpoint',
-           'load_text_projector', 'read_checkpoint_metadata', 'save_checkpoint']
+__all__ = ['CHECKPOINT_FORMAT', 'TEXT_PROJECTOR_PREFIX', 'UNTRAINED_SEED',
+           'checkpoint_is_trained', 'is_trained', 'load_checkpoint', 'load_text_projector',
+           'read_checkpoint_metadata', 'save_checkpoint', 'save_untrained_checkpoint',
+           'untrained_model']
 
 CHECKPOINT_FORMAT = 'malmm_ros/checkpoint/v1'
 _HEADER_KEY = 'malmm_ros'
 TEXT_PROJECTOR_PREFIX = 'text_projector.'  # tensor names of the optional text projector
 _PROJECTOR_KEY = 'text_projector'  # its metadata section
+UNTRAINED_SEED = 0  # untrained weights are random but the same from run to run
+_UNTRAINED_KEY = 'untrained'  # true in the training section of a checkpoint nobody trained
 
 
 def save_checkpoint(
@@ -62,6 +71,44 @@ def save_checkpoint(
     save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(metadata)})
     os.replace(tmp, path)
     return path
+
+
+def untrained_model(config: AnticipateConfig) -> MalmmModel:
+    """The seeded untrained model of `config.model` (eval mode, CPU), named by the EK-100 class
+    CSVs of `config.labels`, else by placeholders: what runs when no checkpoint is set."""
+    verb_csv, noun_csv = config.labels.verb_classes, config.labels.noun_classes
+    placeholder = LabelMaps.placeholder()
+    verbs = load_class_csv(verb_csv, kind='verb') if verb_csv else placeholder.verbs
+    nouns = load_class_csv(noun_csv, kind='noun') if noun_csv else placeholder.nouns
+    labels = LabelMaps(verbs=verbs, nouns=nouns)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+        torch.manual_seed(UNTRAINED_SEED)
+        return MalmmModel(config.model, labels).eval()
+
+
+def save_untrained_checkpoint(path: str | os.PathLike, config: AnticipateConfig) -> Path:
+    """Write `untrained_model(config)` as a checkpoint marked untrained.
+
+    Its training section also records the config's memory length and sampling rate, so the
+    evaluation tools run it with the protocol of the config it was made from.
+    """
+    training: dict[str, Any] = {_UNTRAINED_KEY: True, 'seed': UNTRAINED_SEED,
+                                'memory_bank_length': config.memory_bank_length}
+    if config.sample_fps > 0:  # 0 (every frame) is no protocol rate
+        training['sample_fps'] = config.sample_fps
+    return save_checkpoint(path, untrained_model(config), training=training)
+
+
+def is_trained(metadata: dict[str, Any]) -> bool:
+    """False for the metadata of an untrained checkpoint (save_untrained_checkpoint)."""
+    training = metadata.get('training')
+    return not (isinstance(training, dict) and training.get(_UNTRAINED_KEY) is True)
+
+
+def checkpoint_is_trained(path: str | os.PathLike) -> bool:
+    """False for an untrained checkpoint; reads the header only (CheckpointError as
+    read_checkpoint_metadata)."""
+    return is_trained(read_checkpoint_metadata(path))
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -184,10 +231,23 @@ def load_text_projector(path: str | os.PathLike) -> TextProjector | None:
 
 
 def _read_tensors(path: Path, keep: Any) -> dict[str, torch.Tensor]:
-    """The tensors whose names `keep(name)` accepts."""
+    """The tensors whose names `keep(name)` accepts; CheckpointError naming the first one (by
+    name) that holds NaN or infinite values."""
     try:
         with safe_open(str(path), framework='pt', device='cpu') as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()  # noqa: SIM118
-                    if keep(name)}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()  # noqa: SIM118
+                       if keep(name)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f'checkpoint {path}: cannot read tensors: {exc}') from None
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if not tensor.is_floating_point():
+            continue
+        # One tensor's boolean mask at a time: the only copy the check makes.
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = finite.numel() - int(finite.sum())
+            raise CheckpointError(f'checkpoint {path}: tensor {name} has {bad} NaN/inf values '
+                                  f'(of {finite.numel()}); the weights are unusable, e.g. '
+                                  'training diverged')
+    return tensors

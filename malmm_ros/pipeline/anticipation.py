@@ -17,21 +17,24 @@ import numpy as np
 import torch
 
 from malmm_ros.config import AnticipateConfig, TextConfig, load_config
-from malmm_ros.data.labels import LabelMaps, load_class_csv
-from malmm_ros.errors import FrameError
-from malmm_ros.model.checkpoint import load_checkpoint, read_checkpoint_metadata
+from malmm_ros.data.labels import LabelMaps
+from malmm_ros.errors import FrameError, OutputError
+from malmm_ros.model.checkpoint import (
+    checkpoint_is_trained,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    untrained_model,
+)
 from malmm_ros.model.encoder import check_image, resize_and_crop
 from malmm_ros.model.heads import verb_noun_action_topk
-from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
-from malmm_ros.pipeline.sampler import FrameSampler
+from malmm_ros.pipeline.sampler import Admission, StreamSampler
 from malmm_ros.runtime import create_encoder
 
 __all__ = ['AnticipationPipeline', 'StepScores']
 
 _log = logging.getLogger(__name__)
 TOP_K = 5
-_UNTRAINED_SEED = 0  # untrained heads are random but reproducible from run to run
 
 
 class StepScores(NamedTuple):
@@ -64,12 +67,12 @@ class AnticipationPipeline:
             self.protocol_warnings = _protocol_mismatches(config)
             for warning in self.protocol_warnings:
                 _log.warning('%s', warning)
-            self.trained = True
+            self.trained = checkpoint_is_trained(config.checkpoint)
+            if not self.trained:
+                _log.warning('checkpoint %s is marked untrained (malmm-export checkpoint '
+                             '--untrained): its predictions are meaningless', config.checkpoint)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_UNTRAINED_SEED)
-                self.model = MalmmModel(config.model, _configured_labels(config))
-            self.model.to(self.device).eval()
+            self.model = untrained_model(config).to(self.device)
             self.trained = False
             _log.warning('no checkpoint configured: the anticipation heads are untrained and '
                          'their predictions are meaningless (set "checkpoint")')
@@ -78,10 +81,12 @@ class AnticipationPipeline:
             config.memory_bank_length,
             cache_projections=not config.model.recompute_projections,
         )
-        self.sampler = FrameSampler(config.sample_fps)
+        # The one sampling stage (the node and the evaluator call its admit() themselves,
+        # before decoding, and hand the verdict to push()).
+        self.sampler = StreamSampler(config.sample_fps, config.max_gap_s)
+        self._epoch = self.sampler.epoch  # the sampler's epoch the memory belongs to
         self.stats = {'frames_in': 0, 'frames_sampled': 0, 'resets': 0, 'bad_frames': 0}
-        self._origin_ns: int | None = None  # stamp that time 0 of the memory refers to
-        self._last_stamp_ns: int | None = None
+        self._origin_ns: int | None = None  # time that time 0 of the memory refers to
         self._newest: tuple[int, str] | None = None  # (stamp_ns, frame_id) in memory
         self._queries: torch.Tensor | None = None  # last step's query outputs (B, Q, D)
         self._latency: dict[str, float] = {}
@@ -130,25 +135,32 @@ class AnticipationPipeline:
         others = sorted(k for k in new if new[k] != old[k] and k not in self.LIVE_SETTINGS)
         if others:
             raise ValueError(f'{", ".join(others)} cannot change on a running pipeline')
-        if config.sample_fps != self.config.sample_fps:
-            self.sampler = FrameSampler(config.sample_fps)
+        self.sampler.set_rates(config.sample_fps, config.max_gap_s)
         if config.threads() != self.config.threads():
             torch.set_num_threads(config.threads())
         self.config = config
 
     def reset(self) -> None:
         """Forget the stream: memory, sampling grid and time origin."""
-        self.memory.reset()
         self.sampler.reset()
+        self._start_over()
+
+    def _start_over(self) -> None:
+        """Empty the memory for the sampler's current epoch."""
+        self.memory.reset()
+        self._epoch = self.sampler.epoch
         self._origin_ns = None
-        self._last_stamp_ns = None
         self._newest = None
         self._queries = None
         self._since_prediction = 0
 
-    def push(self, image: np.ndarray, stamp_ns: int, frame_id: str = '') -> Prediction | None:
+    def push(self, image: np.ndarray, stamp_ns: int, frame_id: str = '', *,
+             admission: Admission | None = None, arrival_ns: int | None = None
+             ) -> Prediction | None:
         """Feed one HxWx3 uint8 RGB frame stamped `stamp_ns` (any size).
 
+        The frame goes through `self.sampler` first, with its arrival time (monotonic ns) when
+        known; a caller that sampled before decoding passes the sampler's `admission` instead.
         Raises FrameError for an unusable image; the memory is untouched in that case.
         """
         try:
@@ -157,8 +169,13 @@ class AnticipationPipeline:
             self.stats['bad_frames'] += 1
             raise
         self.stats['frames_in'] += 1
-        self._check_stream(int(stamp_ns))
-        if not self.sampler.accept(int(stamp_ns)):
+        if admission is None:
+            admission = self.sampler.admit(int(stamp_ns), arrival_ns)
+        if admission.epoch != self._epoch:
+            _log.warning('memory reset: %s', admission.reset_reason or 'the stream restarted')
+            self._start_over()
+            self.stats['resets'] += 1
+        if not admission.accepted:
             return None
 
         start = time.perf_counter()
@@ -166,8 +183,8 @@ class AnticipationPipeline:
         tokens = torch.from_numpy(self.encoder.run(crop[None])).to(self.device)  # (1, 49, 1280)
         encoded = time.perf_counter()
         if self._origin_ns is None:
-            self._origin_ns = int(stamp_ns)
-        now_s = (int(stamp_ns) - self._origin_ns) * 1e-9
+            self._origin_ns = admission.time_ns
+        now_s = (admission.time_ns - self._origin_ns) * 1e-9
         with torch.inference_mode():
             self._queries = self.model.step(tokens.to(_model_dtype(self.model)), now_s,
                                             self.memory)
@@ -231,24 +248,13 @@ class AnticipationPipeline:
         """Softmax of each head for one stream: verb [V], noun [N], action [A] or None."""
         logits = self.model.classify(queries)
         action = logits.action.float().softmax(-1)[0] if logits.action is not None else None
-        return logits.verb.float().softmax(-1)[0], logits.noun.float().softmax(-1)[0], action
-
-    def _check_stream(self, stamp_ns: int) -> None:
-        """Reset on a stamp going backwards or a gap longer than max_gap_s."""
-        last = self._last_stamp_ns
-        self._last_stamp_ns = stamp_ns
-        if last is None:
-            return
-        reason = None
-        if stamp_ns < last:
-            reason = f'stamp went backwards by {(last - stamp_ns) * 1e-9:.3f} s'
-        elif self.config.max_gap_s and stamp_ns - last > self.config.max_gap_s * 1e9:
-            reason = f'gap of {(stamp_ns - last) * 1e-9:.3f} s > max_gap_s'
-        if reason:
-            _log.warning('memory reset: %s', reason)
-            self.reset()
-            self._last_stamp_ns = stamp_ns
-            self.stats['resets'] += 1
+        verb, noun = logits.verb.float().softmax(-1)[0], logits.noun.float().softmax(-1)[0]
+        for name, probs in (('verb', verb), ('noun', noun), ('action', action)):
+            # NaN would reach /malmm/actions as a JSON token strict parsers reject; never publish.
+            if probs is not None and not bool(torch.isfinite(probs).all()):
+                raise OutputError(f'the {name} head gave non-finite scores (broken weights or '
+                                  'input); prediction withheld')
+        return verb, noun, action
 
     def _top_actions_from_head(self, probs: torch.Tensor) -> tuple[ActionScore, ...]:
         scores, index = probs.topk(min(TOP_K, probs.numel()))
@@ -291,15 +297,6 @@ def _protocol_mismatches(config: AnticipateConfig) -> list[str]:
             out.append(f'{key} is {value} but checkpoint {config.checkpoint} was trained with '
                        f'{trained}: predictions may be worse than its validation metrics')
     return out
-
-
-def _configured_labels(config: AnticipateConfig) -> LabelMaps:
-    """Label names for an untrained model: EK-100 class CSVs if configured, else placeholders."""
-    verb_csv, noun_csv = config.labels.verb_classes, config.labels.noun_classes
-    placeholder = LabelMaps.placeholder()
-    verbs = load_class_csv(verb_csv, kind='verb') if verb_csv else placeholder.verbs
-    nouns = load_class_csv(noun_csv, kind='noun') if noun_csv else placeholder.nouns
-    return LabelMaps(verbs=verbs, nouns=nouns)
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -42,6 +43,10 @@ class Prediction:
     model_name: str = ''
     trained: bool = False
     checkpoint: str = ''
+
+    def to_json(self) -> str:
+        """The v1 JSON text; strict (a non-finite number raises ValueError, never 'NaN')."""
+        return json.dumps(self.to_dict(), allow_nan=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The v1 JSON object published on /malmm/actions."""

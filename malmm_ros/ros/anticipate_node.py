@@ -10,10 +10,12 @@ malmm/actions.
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -25,36 +27,74 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from malmm_ros.config import AnticipateConfig
-from malmm_ros.errors import ConfigError, FrameError, MalmmError
+from malmm_ros.config import AnticipateConfig, field_specs
+from malmm_ros.errors import ConfigError, FrameError, MalmmError, OutputError
 from malmm_ros.model.checkpoint import load_text_projector
 from malmm_ros.model.text import Description, GenerationOptions, TextDescriber
-from malmm_ros.pipeline import AnticipationPipeline, FrameSampler, Prediction
+from malmm_ros.pipeline import AnticipationPipeline, Prediction
+from malmm_ros.pipeline.sampler import Admission
 from malmm_ros.ros.description_worker import DescriptionWorker
 from malmm_ros.ros.diagnostics import NodeStats, diagnostic_array
 from malmm_ros.ros.image_codec import decode_compressed, decode_image, encode_bgr8
 from malmm_ros.ros.latest_slot import LatestSlot
+from malmm_ros.ros.log_bridge import route_core_logging
 from malmm_ros.ros.overlay import draw_overlay
 from malmm_ros.ros.parameters import (
     READ_ONLY,
     config_from_parameters,
     declare_config_parameters,
-    field_specs,
 )
 
-__all__ = ['AnticipateNode', 'main']
+__all__ = ['AnticipateNode', 'main', 'run']
 
 THROTTLE_S = 5.0
 
 
 def _stamp_ns(msg: Image | CompressedImage) -> int:
-    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+    """The header stamp in ns; FrameError for a stamp that is not a time (nanosec >= 1e9)."""
+    stamp = msg.header.stamp
+    if not 0 <= stamp.nanosec < 1_000_000_000 or stamp.sec < 0:
+        raise FrameError(f'header stamp {stamp.sec} s {stamp.nanosec} ns is not a valid time '
+                         '(nanosec must be below 1e9)')
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+def _check_paths(config: AnticipateConfig) -> None:
+    """ConfigError naming the absolute path of a configured file or folder that is missing
+    (a relative path is read from the node's working directory, which is easy to get wrong)."""
+    paths = {'checkpoint': config.checkpoint, 'labels.verb_classes': config.labels.verb_classes,
+             'labels.noun_classes': config.labels.noun_classes}
+    if config.text.enabled:
+        paths['text.model_path'] = config.text.model_path
+    for name, value in paths.items():
+        if value and not Path(value).expanduser().exists():
+            raise ConfigError(f'{name} {value!r}: {Path(value).expanduser().resolve()} does not '
+                              'exist')
 
 
 def _pipeline(config: AnticipateConfig) -> AnticipationPipeline:
-    # The node samples in its callback (to drop frames before decoding), so the pipeline
-    # takes every frame it is given.
-    return AnticipationPipeline(config.replace(sample_fps=0.0))
+    _check_paths(config)
+    return AnticipationPipeline(config)
+
+
+# Parameters rclpy declares itself, besides `qos_overrides.*`.
+_ROS_PARAMETERS = frozenset({'use_sim_time', 'start_type_description_service'})
+
+
+def _unknown_parameters(node: Node) -> list[str]:
+    """Names given by --params-file or -p that no declared parameter has, with a suggestion.
+
+    rclpy keeps overrides for undeclared names and silently ignores them; a typo would run
+    the node on defaults. (`_parameter_overrides` is rclpy's only record of them.)
+    """
+    declared = set(node._parameters) | _ROS_PARAMETERS
+    names = sorted(name for name in getattr(node, '_parameter_overrides', {})
+                   if name not in declared and not name.startswith('qos_overrides.'))
+    out = []
+    for name in names:
+        close = difflib.get_close_matches(name, field_specs(), n=1)
+        out.append(f'{name}; did you mean {close[0]}?' if close else name)
+    return out
 
 
 def _describer(config: AnticipateConfig) -> TextDescriber | None:
@@ -73,12 +113,16 @@ _DESCRIBER_SETTINGS = ('text.enabled', 'text.model_path', 'checkpoint', 'device'
 class AnticipateNode(Node):
     """Subscribes to `image` (or `image/compressed`), publishes malmm/actions and friends."""
 
-    def __init__(self) -> None:
+    def __init__(self, dds_note: str = 'DDS: the environment\'s settings') -> None:
         super().__init__('malmm_anticipate')
+        route_core_logging(self.get_logger())
+        self.get_logger().info(dds_note)
         self.config = declare_config_parameters(self)
+        unknown = _unknown_parameters(self)
+        if unknown:
+            raise ConfigError('unknown parameter ' + '; unknown parameter '.join(unknown))
         self.pipeline = _pipeline(self.config)
         describer = _describer(self.config)  # a bad text.model_path stops the node here
-        self.sampler = FrameSampler(self.config.sample_fps)
         self.slot = LatestSlot()
         self.stats = NodeStats()
         self._pipeline_lock = threading.Lock()  # pipeline swap, reset and push
@@ -90,11 +134,19 @@ class AnticipateNode(Node):
                        else ReliabilityPolicy.BEST_EFFORT)
         camera_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.config.qos.depth,
                                 reliability=reliability)
+        # image_transport's convention: the compressed stream is `<image topic>/compressed`,
+        # so one remap of `image` serves both transports. An explicit remap of
+        # `image/compressed` (older launch files) still wins.
+        image_topic = self.resolve_topic_name('image')
         if self.config.input_transport == 'raw':
-            self.create_subscription(Image, 'image', self.image_callback, camera_qos)
+            kind, self.input_topic = Image, image_topic
         else:
-            self.create_subscription(CompressedImage, 'image/compressed', self.image_callback,
-                                     camera_qos)
+            kind = CompressedImage
+            explicit = self.resolve_topic_name('image/compressed')
+            remapped = explicit != self.resolve_topic_name('image/compressed', only_expand=True)
+            self.input_topic = explicit if remapped else f'{image_topic}/compressed'
+        self.input_type = f'sensor_msgs/{kind.__name__}'
+        self.create_subscription(kind, self.input_topic, self.image_callback, camera_qos)
         self.actions_pub = self.create_publisher(String, 'malmm/actions', QoSProfile(
             depth=10, reliability=ReliabilityPolicy.RELIABLE))
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -116,10 +168,12 @@ class AnticipateNode(Node):
                                         daemon=True)
         self._worker.start()
         self._log_describer(describer)
+        qos = self.config.qos
         self.get_logger().info(
-            f'{self.pipeline.model_name} on {self.pipeline.encoder.name}, '
-            f'{self.config.input_transport} input, M={self.config.memory_bank_length}, '
-            f'sampling {self.config.sample_fps} fps, trained={self.pipeline.trained}')
+            f'listening on {self.input_topic} ({self.input_type}, {qos.reliability}, depth '
+            f'{qos.depth}); {self.pipeline.model_name} on {self.pipeline.encoder.name}, '
+            f'M={self.config.memory_bank_length}, sampling {self.config.sample_fps} fps, '
+            f'trained={self.pipeline.trained}')
         if not self.pipeline.trained:
             self.get_logger().warning('no checkpoint: heads are untrained, predictions are '
                                       'meaningless (set the "checkpoint" parameter)')
@@ -127,19 +181,26 @@ class AnticipateNode(Node):
     # -- callbacks --------------------------------------------------------------------------
 
     def image_callback(self, msg: Image | CompressedImage) -> None:
-        """Sample by stamp and hand the newest frame to the worker; never blocks."""
-        stamp = _stamp_ns(msg)
+        """Sample (by stamp, by arrival when stamps fail) and hand the newest frame to the
+        worker; never blocks, never decodes."""
+        arrival = time.monotonic_ns()
         with self.stats.lock:
             self.stats.frames_in += 1
-            self.stats.last_frame_time = time.monotonic()
-        if self._last_stamp_ns is not None and stamp < self._last_stamp_ns:
-            self.sampler.reset()  # a looping bag: the pipeline resets its memory on this frame
-        self._last_stamp_ns = stamp
-        if not self.sampler.accept(stamp):
+            self.stats.last_frame_time = arrival * 1e-9
+        try:
+            stamp = _stamp_ns(msg)
+        except FrameError as exc:
+            self._bad_frame(exc)
+            return
+        admission = self.pipeline.sampler.admit(stamp, arrival)
+        if admission.reset_reason:
+            self.get_logger().warning(f'memory reset: {admission.reset_reason}',
+                                      throttle_duration_sec=THROTTLE_S)
+        if not admission.accepted:
             return
         with self.stats.lock:
             self.stats.frames_sampled += 1
-        self.slot.put(msg)
+        self.slot.put((msg, admission))
 
     def reset_callback(self, request: Trigger.Request, response: Trigger.Response
                        ) -> Trigger.Response:
@@ -148,8 +209,8 @@ class AnticipateNode(Node):
             self.pipeline.reset()
         with self.stats.lock:
             self.stats.memory_slots = 0
+            self.stats.resets += 1
         self.slot.clear()
-        self.sampler.reset()
         self._last_prediction = None
         response.success, response.message = True, 'memory cleared'
         self.get_logger().info('memory reset by service call')
@@ -177,18 +238,24 @@ class AnticipateNode(Node):
         try:
             if reload_text:  # loaded before anything changes: a refusal leaves all as it was
                 describer = _describer(config)
+            rebuilt = []
             with self._pipeline_lock:
                 try:
-                    self.pipeline.apply_settings(config.replace(sample_fps=0.0))
+                    self.pipeline.apply_settings(config)
                 except ValueError:  # a model setting: build the new pipeline, then swap
                     self.pipeline = _pipeline(config)
+                    rebuilt = sorted(k for k in new if new[k] != old[k])
                     self._publish_labels()
                     with self.stats.lock:
                         self.stats.memory_slots = 0
+                        self.stats.resets += 1
         except MalmmError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
-        if config.sample_fps != self.config.sample_fps:
-            self.sampler = FrameSampler(config.sample_fps)
+        if rebuilt:
+            self.get_logger().info(f'pipeline rebuilt for {", ".join(rebuilt)} (memory '
+                                   f'cleared): {self.pipeline.model_name} on '
+                                   f'{self.pipeline.encoder.name}, '
+                                   f'trained={self.pipeline.trained}')
         self.config = config
         if reload_text:
             self.text.describer = describer
@@ -199,22 +266,57 @@ class AnticipateNode(Node):
 
     def diagnostics_callback(self) -> None:
         pipeline = self.pipeline
+        sampler = pipeline.sampler
+        silence = self.stats.silence_s()
+        starved = None
+        if silence > self.config.stale_after_s:
+            starved = self._starved_message(silence)
+            self.get_logger().warning(starved, throttle_duration_sec=THROTTLE_S)
+        problem = None
+        if sampler.problem:
+            how = 'by arrival time' if sampler.by_arrival else 'by stamp'
+            problem = f'frame stamps unusable: {sampler.problem}; sampling {how}'
+            self.get_logger().warning(problem, throttle_duration_sec=THROTTLE_S)
+        extra = {'input_topic': self.input_topic, 'input_type': self.input_type,
+                 'rate_limited': sampler.rate_limited,
+                 'memory_clock': 'arrival' if sampler.by_arrival else 'stamp'}
         self.diagnostics_pub.publish(diagnostic_array(
             self.get_clock().now().to_msg(), name=f'{self.get_name()}: anticipation',
             hardware_id=pipeline.encoder.name, stats=self.stats, dropped=self.slot.dropped,
             backend=pipeline.encoder.name, device=self.config.device,
-            trained=pipeline.trained, stale_after_s=self.config.stale_after_s,
+            trained=pipeline.trained, starved=starved, stamp_problem=problem, extra=extra,
             text=self._text_values()))
+
+    def _starved_message(self, silence: float) -> str:
+        """Where the node listens and which image topics the graph has (a wrong remap is the
+        usual reason for silence)."""
+        with self.stats.lock:
+            never = self.stats.last_frame_time is None
+        found: dict[str, list[str]] = {'sensor_msgs/Image': [],
+                                       'sensor_msgs/CompressedImage': []}
+        own = {name for name, _ in self.get_publisher_names_and_types_by_node(
+            self.get_name(), self.get_namespace())}  # malmm/overlay is no camera
+        for name, types in self.get_topic_names_and_types():
+            if name in own or name == self.input_topic and self.count_publishers(name) == 0:
+                continue  # our output, or only our own subscription there
+            for kind in types:
+                short = kind.replace('/msg/', '/')
+                if short in found:
+                    found[short].append(name)
+        listing = '; '.join(f'{kind} topics: {", ".join(names) or "none"}'
+                            for kind, names in found.items())
+        since = ' (none since start)' if never else ''
+        return f'no frames on {self.input_topic} for {silence:.1f} s{since}; {listing}'
 
     # -- worker -----------------------------------------------------------------------------
 
     def _inference_loop(self) -> None:
         while not self._stop.is_set():
-            msg = self.slot.take(timeout=0.2)
-            if msg is None:
+            item = self.slot.take(timeout=0.2)
+            if item is None:
                 continue
             try:
-                self._process(msg)
+                self._process(*item)
             except Exception as exc:  # the worker must outlive any one frame
                 if self._stop.is_set() or not self.context.ok():
                     return  # shutting down (SIGINT/SIGTERM): nothing left to publish to
@@ -223,7 +325,7 @@ class AnticipateNode(Node):
                 self.get_logger().error(f'inference step failed: {exc!r}',
                                         throttle_duration_sec=THROTTLE_S)
 
-    def _process(self, msg: Image | CompressedImage) -> None:
+    def _process(self, msg: Image | CompressedImage, admission: Admission) -> None:
         side = self.config.max_image_side
         try:
             if isinstance(msg, CompressedImage):
@@ -233,16 +335,19 @@ class AnticipateNode(Node):
                                      bool(msg.is_bigendian), msg.data, max_side=side)
             with self._pipeline_lock:
                 resets_before = self.pipeline.stats['resets']
-                prediction = self.pipeline.push(image, _stamp_ns(msg), msg.header.frame_id)
+                prediction = self.pipeline.push(image, _stamp_ns(msg), msg.header.frame_id,
+                                                admission=admission)
                 queries = self.pipeline.last_queries  # the step that made `prediction`
                 latency = self.pipeline.last_latency_ms
                 resets = self.pipeline.stats['resets'] - resets_before
                 slots = len(self.pipeline.memory)
         except FrameError as exc:
+            self._bad_frame(exc)
+            return
+        except OutputError as exc:  # never published: counted as an error
             with self.stats.lock:
-                self.stats.bad_frames += 1
-            self.get_logger().warning(f'bad frame skipped: {exc}',
-                                      throttle_duration_sec=THROTTLE_S)
+                self.stats.errors += 1
+            self.get_logger().error(str(exc), throttle_duration_sec=THROTTLE_S)
             return
         with self.stats.lock:
             self.stats.processed += 1
@@ -251,7 +356,7 @@ class AnticipateNode(Node):
             self.stats.step_ms.append(sum(latency.values()))
         if prediction is not None:
             self._last_prediction = prediction
-            self.actions_pub.publish(String(data=json.dumps(prediction.to_dict())))
+            self.actions_pub.publish(String(data=prediction.to_json()))
             with self.stats.lock:
                 self.stats.predictions += 1
             self._request_description(prediction, queries)
@@ -260,6 +365,11 @@ class AnticipateNode(Node):
             overlay = Image(header=msg.header, height=height, width=width, encoding='bgr8',
                             is_bigendian=0, step=step, data=data)
             self.overlay_pub.publish(overlay)
+
+    def _bad_frame(self, exc: FrameError) -> None:
+        with self.stats.lock:
+            self.stats.bad_frames += 1
+        self.get_logger().warning(f'bad frame skipped: {exc}', throttle_duration_sec=THROTTLE_S)
 
     def _request_description(self, prediction: Prediction, queries: object) -> None:
         """Every text.every_n_predictions predictions, hand the queries to the describer."""
@@ -272,7 +382,8 @@ class AnticipateNode(Node):
         self.text.submit(queries, prediction.stamp_ns, prediction.frame_id)
 
     def _publish_description(self, description: Description) -> None:
-        self.description_pub.publish(String(data=json.dumps(description.to_dict())))
+        self.description_pub.publish(String(data=json.dumps(description.to_dict(),
+                                                            allow_nan=False)))
 
     def _description_failed(self, exc: BaseException) -> None:
         self.get_logger().error(f'text description failed: {exc!r}',
@@ -299,7 +410,7 @@ class AnticipateNode(Node):
         labels = self.pipeline.labels.to_dict()
         labels['schema'] = 'malmm_ros/labels/v1'
         labels['trained'] = self.pipeline.trained
-        self.labels_pub.publish(String(data=json.dumps(labels)))
+        self.labels_pub.publish(String(data=json.dumps(labels, allow_nan=False)))
 
     def stop(self) -> None:
         """Stop the worker thread (called before the node is destroyed)."""
@@ -308,23 +419,41 @@ class AnticipateNode(Node):
         self._worker.join(timeout=5.0)
 
 
-def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
+def run(args: list[str] | None = None, *, dds_note: str = 'DDS: the environment\'s settings'
+        ) -> int:
+    """Start ROS, run the node until Ctrl-C or shutdown; 0 on a clean end, 1 on a MalmmError.
+
+    A signal during start-up shuts the context down under the node's feet, so rcl calls may
+    fail (RCLError "context is invalid") before KeyboardInterrupt arrives: any failure while
+    the context is no longer ok is an interrupted start, not an error.
+    """
     node = None
     try:
-        node = AnticipateNode()
+        rclpy.init(args=args)
+        node = AnticipateNode(dds_note)
         rclpy.spin(node)
-    except MalmmError as exc:
-        print(f'ERROR: {exc}', file=sys.stderr)
-        return 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception as exc:
+        if not rclpy.ok():
+            return 0
+        if isinstance(exc, MalmmError):
+            print(f'ERROR: {exc}', file=sys.stderr)
+            return 1
+        raise
     finally:
         if node is not None:
             node.stop()
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def main(args: list[str] | None = None) -> int:
+    """The checked entry point (malmm_ros.ros.anticipate_main): --help, DDS profile, signals."""
+    from malmm_ros.ros.anticipate_main import main as checked_main
+
+    return checked_main(args)
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ prediction stamped with it (both on this machine's loopback).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -30,12 +31,12 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from malmm_ros.data.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
+from malmm_ros.ros.dds_profile import apply_default_profile
 from malmm_ros.ros.processes import stop_process
 
 __all__ = ['main']
 
 _REPO_CONFIG = Path(__file__).resolve().parents[2] / 'config' / 'anticipate.yaml'
-_DDS_PROFILE = _REPO_CONFIG.with_name('fastdds.xml')
 CAMERA_TOPIC = '/camera/image_raw'
 
 
@@ -99,10 +100,12 @@ def _prediction_view(watcher: _Watcher) -> Group | Panel:
     table = Table(expand=True)
     for column in ('verb', 'p', 'noun', 'p', 'action', 'p'):
         table.add_column(column, justify='right' if column == 'p' else 'left')
-    for verb, noun, action in zip(latest['verb'], latest['noun'], latest['action'],
-                                  strict=True):
-        table.add_row(verb['name'], f'{verb["score"]:.3f}', noun['name'],
-                      f'{noun["score"]:.3f}', action['name'], f'{action["score"]:.4f}')
+    # The lists are as long as the vocabularies allow (a 2-verb vocabulary has a top-2).
+    blank = {'name': '', 'score': None}
+    for verb, noun, action in itertools.zip_longest(latest['verb'], latest['noun'],
+                                                    latest['action'], fillvalue=blank):
+        table.add_row(verb['name'], _score(verb['score'], 3), noun['name'],
+                      _score(noun['score'], 3), action['name'], _score(action['score'], 4))
     stamp = latest['stamp']['sec'] + latest['stamp']['nanosec'] * 1e-9
     latency = latest['latency_ms']
     title = (f'stamp {stamp:.2f}  frames {latest["frames_seen"]}  slots '
@@ -114,6 +117,10 @@ def _prediction_view(watcher: _Watcher) -> Group | Panel:
                               'these predictions are meaningless. Train one with the EK-100 '
                               'tools and set the "checkpoint" parameter.'))
     return Group(*parts)
+
+
+def _score(value: float | None, digits: int) -> str:
+    return '' if value is None else f'{value:.{digits}f}'
 
 
 def _summary(watcher: _Watcher, replay_s: float) -> Table:
@@ -149,6 +156,14 @@ def _spin_for(executor: SingleThreadedExecutor, seconds: float) -> None:
         executor.spin_once(timeout_sec=min(left, 0.02))
 
 
+def _class_files(labels_dir: str | None) -> tuple[Path, Path] | None:
+    """The EK-100 verb and noun class CSVs in `labels_dir`, or None if either is missing."""
+    if not labels_dir:
+        return None
+    verbs, nouns = Path(labels_dir) / VERB_CLASSES_FILE, Path(labels_dir) / NOUN_CLASSES_FILE
+    return (verbs.resolve(), nouns.resolve()) if verbs.is_file() and nouns.is_file() else None
+
+
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -156,9 +171,8 @@ def _bin(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     console = Console()
-    if 'FASTDDS_DEFAULT_PROFILES_FILE' not in os.environ and _DDS_PROFILE.is_file():
-        # Child processes inherit it; this process reads it at rclpy.init below.
-        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(_DDS_PROFILE)
+    # Child processes inherit it; this process reads it at rclpy.init below.
+    console.print(apply_default_profile())
     bag = Path(args.bag)
     if not bag.exists():
         bag.parent.mkdir(parents=True, exist_ok=True)
@@ -172,10 +186,17 @@ def main(argv: list[str] | None = None) -> int:
 
     node_cmd = [_bin('malmm-anticipate'), '--ros-args', '--params-file', args.params_file,
                 '-r', f'image:={CAMERA_TOPIC}']
-    if args.labels_dir and Path(args.labels_dir).is_dir():
-        labels = Path(args.labels_dir)
-        node_cmd += ['-p', f'labels.verb_classes:={labels / VERB_CLASSES_FILE}',
-                     '-p', f'labels.noun_classes:={labels / NOUN_CLASSES_FILE}']
+    class_files = _class_files(args.labels_dir)
+    if class_files is None:
+        where = Path(args.labels_dir).resolve() if args.labels_dir else 'no --labels-dir'
+        console.print(f'[yellow]EK-100 class names not found ({where}: needs '
+                      f'{VERB_CLASSES_FILE} and {NOUN_CLASSES_FILE})[/]: predictions show '
+                      'placeholder names (verb_0, noun_0, ...). Point to your annotations with '
+                      '`make demo EPIC_ANNOTATIONS=/path/to/epic-kitchens-100-annotations` or '
+                      '`malmm-demo --labels-dir DIR`.')
+    else:
+        node_cmd += ['-p', f'labels.verb_classes:={class_files[0]}',
+                     '-p', f'labels.noun_classes:={class_files[1]}']
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     log = open(args.log, 'w')  # noqa: SIM115 - closed in finally
     node_proc = subprocess.Popen(node_cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -32,6 +32,12 @@ class NodeStats:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _previous: tuple[float, int, int, int] | None = None  # (time, in, processed, dropped)
 
+    def silence_s(self) -> float:
+        """Seconds since the newest frame arrived (since start when none has)."""
+        with self.lock:
+            last = self.last_frame_time if self.last_frame_time is not None else self.started
+        return time.monotonic() - last
+
     def rates(self, dropped: int) -> tuple[float, float, bool]:
         """(input Hz, processed Hz, dropped since last call) over the time since last call."""
         now = time.monotonic()
@@ -43,16 +49,18 @@ class NodeStats:
 
 
 def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dropped: int,
-                     backend: str, device: str, trained: bool, stale_after_s: float,
+                     backend: str, device: str, trained: bool, starved: str | None = None,
+                     stamp_problem: str | None = None, extra: dict[str, Any] | None = None,
                      text: dict[str, Any] | None = None) -> DiagnosticArray:
-    """One DiagnosticStatus: OK, WARN (untrained or dropping) or ERROR (no frames lately).
+    """One DiagnosticStatus: ERROR (`starved`: no frames lately, the message says where the node
+    listens), WARN (bad stamps, dropping, untrained) or OK.
 
-    `text`: the describer's counts and latency (text_* keys), when descriptions are on.
+    `extra`: more values (input topic, sampling counts); `text`: the describer's counts and
+    latency (text_* keys), when descriptions are on.
     """
     with stats.lock:
         input_hz, processed_hz, dropping = stats.rates(dropped)
         steps = np.array(stats.step_ms) if stats.step_ms else None
-        last = stats.last_frame_time
         values = {
             'input_rate_hz': f'{input_hz:.2f}', 'processed_rate_hz': f'{processed_hz:.2f}',
             'frames_in': stats.frames_in, 'frames_sampled': stats.frames_sampled,
@@ -64,13 +72,15 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
         else 'n/a'
     values['step_latency_p95_ms'] = f'{np.percentile(steps, 95):.2f}' if steps is not None \
         else 'n/a'
-    values.update(backend=backend, device=device, trained=trained)
+    values.update(backend=backend, device=device, trained=trained,
+                  stamp_problem=stamp_problem or 'none', **(extra or {}))
     if text is not None:
         values.update(text)
 
-    since = time.monotonic() - (last if last is not None else stats.started)
-    if since > stale_after_s:
-        level, message = DiagnosticStatus.ERROR, f'no frame for {since:.1f} s'
+    if starved:
+        level, message = DiagnosticStatus.ERROR, starved
+    elif stamp_problem:
+        level, message = DiagnosticStatus.WARN, stamp_problem
     elif dropping:
         level, message = DiagnosticStatus.WARN, 'dropping frames: inference slower than input'
     elif not trained:

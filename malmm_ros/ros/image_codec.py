@@ -3,10 +3,18 @@
 Pure numpy/OpenCV on the message's fields, so it is tested without ROS and works with numpy 2
 (cv_bridge's numpy 2 breakage is a common complaint). Every failure is a FrameError that says
 what was wrong; nothing here ever returns a half-decoded frame.
+
+A compressed payload is a decompression bomb waiting to happen (a 32-byte WebP can declare
+16383x16383 pixels), so only JPEG and PNG are decoded, recognised by their magic bytes, and their
+declared size is read from the header and checked before a single pixel is decoded. OpenCV's own
+pixel limit (malmm_ros.decode_limits, imported before cv2 for that reason) is the second fence.
 """
 
 from __future__ import annotations
 
+from malmm_ros.decode_limits import MAX_DECODE_PIXELS
+
+# isort: split
 import cv2
 import numpy as np
 import simplejpeg
@@ -31,6 +39,17 @@ def _check_size(width: int, height: int, max_side: int) -> None:
         raise FrameError(f'image is {width}x{height}: nothing to decode')
     if max(width, height) > max_side:
         raise FrameError(f'image is {width}x{height}, larger than max_image_side={max_side}')
+    budget = min(max_side * max_side, MAX_DECODE_PIXELS)
+    if width * height > budget:
+        raise FrameError(f'image is {width}x{height} = {width * height} pixels, more than '
+                         f'the {budget} a frame may have')
+
+
+def _uint8_buffer(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
+    """The payload as a contiguous 1-D uint8 array: a view of it unless it was strided."""
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data.reshape(-1).view(np.uint8))
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 def decode_image(encoding: str, width: int, height: int, step: int, is_bigendian: bool,
@@ -51,8 +70,7 @@ def decode_image(encoding: str, width: int, height: int, step: int, is_bigendian
     if step < row_bytes:
         raise FrameError(f'step {step} is smaller than width*{pixel_bytes} = {row_bytes} '
                          f'for {encoding}')
-    buffer = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
-        else data.reshape(-1).view(np.uint8)
+    buffer = _uint8_buffer(data)
     if buffer.size < step * height:
         raise FrameError(f'data has {buffer.size} bytes, expected step*height = '
                          f'{step}*{height} = {step * height}')
@@ -80,62 +98,129 @@ def decode_image(encoding: str, width: int, height: int, step: int, is_bigendian
 
 def decode_compressed(fmt: str, data: bytes | bytearray | memoryview | np.ndarray, *,
                       max_side: int = 4096) -> np.ndarray:
-    """A sensor_msgs/CompressedImage payload (jpeg or png) -> HxWx3 uint8 RGB."""
+    """A sensor_msgs/CompressedImage payload (JPEG or PNG) -> HxWx3 uint8 RGB.
+
+    The kind comes from the magic bytes, not from `fmt` (which only has to name jpeg or png if
+    it names anything), and the size from the header, checked before any pixel is decoded.
+    """
     kind = fmt.lower()
-    if not any(name in kind for name in ('jpeg', 'jpg', 'png')) and kind:
+    if kind and not any(name in kind for name in ('jpeg', 'jpg', 'png')):
         raise FrameError(f'unsupported compressed format {fmt!r}; expected jpeg or png')
-    buffer = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
-        else data.reshape(-1).view(np.uint8)
+    buffer = _uint8_buffer(data)
     if buffer.size == 0:
         raise FrameError('compressed image has no data')
-    size = _header_size(buffer)
-    if size is not None:  # refuse a decompression bomb before allocating it
-        _check_size(size[0], size[1], max_side)
-    if buffer[:2].tobytes() == b'\xff\xd8':
+    view = memoryview(buffer)  # header reads without copying the payload
+    if view[:3] == _JPEG_MAGIC:
+        width, height = _jpeg_size(view)
+        _check_size(width, height, max_side)
         # libjpeg only *warns* about corrupt scan data and OpenCV then returns a half-decoded
         # frame; simplejpeg's strict mode turns those warnings into errors.
         try:
-            image = simplejpeg.decode_jpeg(buffer.tobytes(), colorspace='RGB', strict=True)
+            image = simplejpeg.decode_jpeg(buffer, colorspace='RGB', strict=True)
         except ValueError as exc:
             raise FrameError(f'cannot decode {fmt or "jpeg"} image of {buffer.size} bytes '
                              f'(truncated or corrupt): {exc}') from None
-        _check_size(image.shape[1], image.shape[0], max_side)
-        return image
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-    if image is None:
-        raise FrameError(f'cannot decode {fmt or "compressed"} image of {buffer.size} bytes '
-                         '(truncated or corrupt)')
-    _check_size(image.shape[1], image.shape[0], max_side)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif view[:8] == _PNG_SIGNATURE:
+        width, height = _png_size(view)
+        _check_size(width, height, max_side)
+        try:
+            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
+        except cv2.error as exc:  # OpenCV's own limits (decode_limits) raise
+            raise FrameError(f'cannot decode {fmt or "png"} image of {buffer.size} bytes: '
+                             f'{str(exc).strip().splitlines()[-1]}') from None
+        if image is None:
+            raise FrameError(f'cannot decode {fmt or "png"} image of {buffer.size} bytes '
+                             '(truncated or corrupt)')
+    else:
+        raise FrameError(f'compressed image is neither JPEG nor PNG: it starts with '
+                         f'{bytes(view[:8]).hex(" ").upper()} ({_looks_like(view)}); only JPEG '
+                         f'({_JPEG_MAGIC.hex(" ").upper()}) and PNG '
+                         f'({_PNG_SIGNATURE.hex(" ").upper()}) are decoded')
+    if image.shape[:2] != (height, width):  # the decoder read another size than the header
+        raise FrameError(f'image decoded as {image.shape[1]}x{image.shape[0]} but its header '
+                         f'says {width}x{height}')
+    return image
 
 
+_JPEG_MAGIC = b'\xff\xd8\xff'  # SOI, then the first marker
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # JPEG start-of-frame markers (C0-CF except DHT C4, JPG C8 and DAC CC) carry the image size.
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                       0xCF})
+# Segments a decoder reads or skips before the frame header: DHT, DAC, DQT, DRI, APPn, COM.
+_JPEG_BEFORE_SOF = frozenset({0xC4, 0xCC, 0xDB, 0xDD, *range(0xE0, 0xF0), 0xFE})
+# Far more markers (and fill bytes) than any camera writes before its SOF; it bounds the walk's
+# time on a payload made of millions of tiny segments.
+_JPEG_MAX_MARKERS = 1000
 
 
-def _header_size(buffer: np.ndarray) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header without decoding, or None if not found."""
-    data = buffer[:65536].tobytes()
-    if data.startswith(_PNG_SIGNATURE) and len(data) >= 24 and data[12:16] == b'IHDR':
-        return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
-    if not data.startswith(b'\xff\xd8'):
-        return None
-    pos = 2
-    while pos + 9 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
+def _jpeg_size(view: memoryview) -> tuple[int, int]:
+    """(width, height) from a JPEG's first frame header (SOF), walking its marker segments.
+
+    The walk goes segment by segment over the whole buffer, as libjpeg does, so an SOF is found
+    however many APPn/COM bytes come first, and bytes that only look like an SOF inside another
+    segment (an EXIF thumbnail's) are skipped. Anything a decoder would not accept before the
+    SOF is refused.
+    """
+    end = len(view)
+    pos = 2  # after SOI
+    for _ in range(_JPEG_MAX_MARKERS):
+        if pos + 2 > end:
+            raise FrameError(f'JPEG of {end} bytes ends before its frame header (SOF)')
+        if view[pos] != 0xFF:
+            raise FrameError(f'JPEG has byte {view[pos]:02X} at offset {pos} where a marker '
+                             'should start')
+        marker = view[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
             pos += 1
             continue
-        length = int.from_bytes(data[pos + 2:pos + 4], 'big')
+        if marker not in _JPEG_SOF and marker not in _JPEG_BEFORE_SOF:
+            raise FrameError(f'JPEG has marker FF {marker:02X} at offset {pos}, before its frame '
+                             'header (SOF)')
+        if pos + 4 > end:
+            raise FrameError(f'JPEG of {end} bytes ends before its frame header (SOF)')
+        length = int.from_bytes(view[pos + 2:pos + 4], 'big')  # counts itself, not the marker
+        if length < 2 or pos + 2 + length > end:
+            raise FrameError(f'JPEG segment FF {marker:02X} at offset {pos} has length {length}, '
+                             f'which does not fit the {end} bytes')
         if marker in _JPEG_SOF:
-            height = int.from_bytes(data[pos + 5:pos + 7], 'big')
-            width = int.from_bytes(data[pos + 7:pos + 9], 'big')
+            if length < 8:  # precision, height, width, component count
+                raise FrameError(f'JPEG frame header at offset {pos} is {length} bytes long, '
+                                 'too short to hold the image size')
+            height = int.from_bytes(view[pos + 5:pos + 7], 'big')
+            width = int.from_bytes(view[pos + 7:pos + 9], 'big')
             return width, height
         pos += 2 + length
-    return None
+    raise FrameError(f'JPEG has more than {_JPEG_MAX_MARKERS} markers before its frame header '
+                     '(SOF)')
+
+
+def _png_size(view: memoryview) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, which the standard puts first."""
+    ihdr = bytes(view[8:24])  # length, type, width, height
+    if len(view) < 33 or ihdr[:8] != b'\x00\x00\x00\x0dIHDR':  # 8 + 12 + 13 bytes
+        raise FrameError(f'PNG of {len(view)} bytes does not start with its 13-byte IHDR chunk')
+    return int.from_bytes(ihdr[8:12], 'big'), int.from_bytes(ihdr[12:16], 'big')
+
+
+# (offset, magic bytes, name) of formats OpenCV could decode but this module refuses
+_OTHER_FORMATS = (
+    (8, b'WEBP', 'WebP'), (0, b'II*\x00', 'TIFF'), (0, b'MM\x00*', 'TIFF'), (0, b'GIF8', 'GIF'),
+    (0, b'BM', 'BMP'), (4, b'ftypavif', 'AVIF'), (4, b'ftyphei', 'HEIF'),
+    (0, b'\x00\x00\x00\x0cjP  ', 'JPEG 2000'), (0, b'\xff\x4f\xff\x51', 'JPEG 2000'),
+    (0, b'#?RADIANCE', 'Radiance HDR'), (0, b'#?RGBE', 'Radiance HDR'),
+    (0, b'v/1\x01', 'OpenEXR'), (0, b'\x59\xa6\x6a\x95', 'Sun raster'),
+    (0, b'\xff\xd8', 'a JPEG start without a marker after it'),
+)
+
+
+def _looks_like(view: memoryview) -> str:
+    for offset, magic, name in _OTHER_FORMATS:
+        if view[offset:offset + len(magic)] == magic:
+            return f'looks like {name}'
+    if len(view) >= 2 and view[0] == ord('P') and chr(view[1]) in '1234567Ff':
+        return 'looks like PNM/PFM'
+    return 'no image format known here'
 
 
 def encode_bgr8(rgb: np.ndarray) -> tuple[int, int, int, bytes]:

@@ -234,7 +234,7 @@ def record_live(bag: str | os.PathLike, config: AnticipateConfig, *, out_dir: st
     params = _write_params(out_dir / 'node_params.yaml', config,
                            'compressed' if compressed else 'raw')
     remap = f'image/compressed:={topic}' if compressed else f'image:={topic}'
-    command = [sys.executable, '-m', 'malmm_ros.ros.anticipate_node', '--ros-args',
+    command = [sys.executable, '-m', 'malmm_ros.ros.anticipate_main', '--ros-args',
                '--params-file', str(params), '-r', remap]
     log_path = out_dir / 'node.log'
     recording = LiveRecording(node_log=log_path)

@@ -6,31 +6,18 @@ description and range in the descriptor, so `ros2 param describe` shows what the
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 
-from malmm_ros.config import AnticipateConfig
+from malmm_ros.config import AnticipateConfig, field_specs
 from malmm_ros.errors import ConfigError
 
 __all__ = ['READ_ONLY', 'config_from_parameters', 'declare_config_parameters', 'field_specs']
 
 # Changing these needs a new subscription; refuse them at run time (restart the node instead).
 READ_ONLY = frozenset({'input_transport', 'qos.reliability', 'qos.depth'})
-
-
-def field_specs(config_cls: type = AnticipateConfig, prefix: str = '') -> dict[str, Any]:
-    """{dotted name: dataclasses.Field} for every leaf field of the schema."""
-    specs: dict[str, Any] = {}
-    for f in dataclasses.fields(config_cls):
-        factory = f.default_factory
-        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            specs.update(field_specs(factory, f'{prefix}{f.name}.'))
-        else:
-            specs[f'{prefix}{f.name}'] = f
-    return specs
 
 
 def _descriptor(name: str, spec: Any, value: Any) -> ParameterDescriptor:

@@ -6,6 +6,11 @@ Messages go out as the bag's serialized CDR bytes, untouched: header stamps and 
 recorded ones. Gaps between messages are the bag's log-time gaps divided by --rate, scheduled
 against a monotonic clock so that publishing delays do not accumulate.
 
+By default it waits (up to --wait-timeout s, with a message) for one subscriber on every topic
+before the first message, so a node started just before is not missing the bag's first
+seconds; `--wait-subscribers 0` starts at once. The package's Fast DDS profile is applied when
+FASTDDS_DEFAULT_PROFILES_FILE is not set (camera-sized frames need its buffers).
+
 --topic T replaces the bag's topic exactly (for a compressed bag give the full name, e.g.
 /cam/image_raw/compressed); it needs a bag with a single image topic.
 """
@@ -34,13 +39,15 @@ from tqdm import tqdm
 
 from malmm_ros.data.bags import bag_info, image_topics, iter_bag_messages
 from malmm_ros.errors import DataError, MalmmError
+from malmm_ros.ros.dds_profile import apply_default_profile
 
 __all__ = ['NODE_NAME', 'WAIT_SUBSCRIBERS_TIMEOUT_S', 'ReplayStats', 'main', 'replay']
 
 _LOG = logging.getLogger(__name__)
 
 NODE_NAME = 'malmm_replay'
-WAIT_SUBSCRIBERS_TIMEOUT_S = 30.0
+WAIT_SUBSCRIBERS_TIMEOUT_S = 30.0  # an explicit --wait-subscribers N: then an error
+DEFAULT_WAIT_S = 10.0  # the default wait for one subscriber: then play anyway
 _POLL_S = 0.05  # longest sleep between shutdown checks
 _ACK_TIMEOUT_S = 5.0
 
@@ -132,9 +139,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument('--loop', action='store_true', help='replay the bag forever')
     parser.add_argument('--topic', default=None,
                         help='publish on this topic instead of the bag\'s (exact name)')
-    parser.add_argument('--wait-subscribers', type=int, default=0, metavar='N',
-                        help=f'wait (up to {WAIT_SUBSCRIBERS_TIMEOUT_S:.0f} s) for N matched '
-                             'subscribers before starting')
+    parser.add_argument('--wait-subscribers', type=int, default=None, metavar='N',
+                        help='wait for N matched subscribers on every topic before starting '
+                             '(default: 1, then play anyway after --wait-timeout; given '
+                             'explicitly, not finding them is an error; 0: start at once)')
+    parser.add_argument('--wait-timeout', type=float, default=None, metavar='S',
+                        help=f'longest wait for subscribers (default {DEFAULT_WAIT_S:.0f} s, '
+                             f'{WAIT_SUBSCRIBERS_TIMEOUT_S:.0f} s with --wait-subscribers)')
     parser.add_argument('--start-delay', type=float, default=0.0, metavar='S',
                         help='seconds to wait before the first message')
     return parser.parse_args(argv)
@@ -145,8 +156,10 @@ def _plan(args: argparse.Namespace) -> tuple[dict[str, tuple[str, str]], int]:
     and messages per pass."""
     if not args.rate > 0:
         raise DataError(f'--rate must be > 0, got {args.rate}')
-    if args.wait_subscribers < 0 or not args.start_delay >= 0:
-        raise DataError('--wait-subscribers and --start-delay must not be negative')
+    if (args.wait_subscribers or 0) < 0 or not args.start_delay >= 0 or (
+            args.wait_timeout is not None and not args.wait_timeout >= 0):
+        raise DataError('--wait-subscribers, --wait-timeout and --start-delay must not be '
+                        'negative')
     topics = image_topics(args.bag)
     if not topics:
         info = bag_info(args.bag)
@@ -165,9 +178,14 @@ def _plan(args: argparse.Namespace) -> tuple[dict[str, tuple[str, str]], int]:
 
 
 def _wait_for_subscribers(publishers: dict[str, Publisher], wanted: int,
-                          ok: Callable[[], bool]) -> bool:
-    """Wait until every publisher has `wanted` matched subscriptions; False when interrupted."""
-    deadline = time.monotonic() + WAIT_SUBSCRIBERS_TIMEOUT_S
+                          ok: Callable[[], bool], *, timeout_s: float, strict: bool) -> bool:
+    """Wait until every publisher has `wanted` matched subscriptions; False when interrupted.
+
+    After `timeout_s`: MalmmError when `strict`, else a warning and True (play anyway).
+    """
+    deadline = time.monotonic() + timeout_s
+    names = ', '.join(p.topic_name for p in publishers.values())
+    told = False
     while True:
         if not ok():  # checked first: counting on a shut-down context raises
             return False
@@ -175,9 +193,17 @@ def _wait_for_subscribers(publishers: dict[str, Publisher], wanted: int,
         if matched >= wanted:
             return True
         if time.monotonic() >= deadline:
-            names = ', '.join(p.topic_name for p in publishers.values())
-            raise MalmmError(f'only {matched} of {wanted} subscriber(s) matched on {names} '
-                             f'within {WAIT_SUBSCRIBERS_TIMEOUT_S:.0f} s')
+            message = (f'only {matched} of {wanted} subscriber(s) matched on {names} within '
+                       f'{timeout_s:.0f} s')
+            if strict:
+                raise MalmmError(message)
+            print(f'malmm-replay: {message}; publishing anyway', file=sys.stderr, flush=True)
+            return True
+        if not told:
+            print(f'malmm-replay: waiting up to {timeout_s:.0f} s for {wanted} subscriber(s) '
+                  f'on {names} (--wait-subscribers 0: start at once)', file=sys.stderr,
+                  flush=True)
+            told = True
         time.sleep(_POLL_S)
 
 
@@ -188,6 +214,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _run(args: argparse.Namespace, ros_argv: list[str]) -> int:
     plan, per_pass = _plan(args)
     stats = ReplayStats()
+    print(f'malmm-replay: {apply_default_profile()}', file=sys.stderr, flush=True)
     rclpy.init(args=ros_argv)
     node = None
     try:
@@ -196,8 +223,12 @@ def _run(args: argparse.Namespace, ros_argv: list[str]) -> int:
                       for bag_topic, (out_topic, msgtype) in plan.items()}
         for bag_topic, (out_topic, msgtype) in plan.items():
             _LOG.info('%s (%s) -> %s', bag_topic, msgtype, out_topic)
-        go = args.wait_subscribers == 0 or _wait_for_subscribers(
-            publishers, args.wait_subscribers, rclpy.ok)
+        strict = args.wait_subscribers is not None
+        wanted = 1 if args.wait_subscribers is None else args.wait_subscribers
+        timeout_s = args.wait_timeout if args.wait_timeout is not None else (
+            WAIT_SUBSCRIBERS_TIMEOUT_S if strict else DEFAULT_WAIT_S)
+        go = wanted == 0 or _wait_for_subscribers(publishers, wanted, rclpy.ok,
+                                                  timeout_s=timeout_s, strict=strict)
         if go and args.start_delay > 0:
             go = _sleep_until(time.monotonic() + args.start_delay, rclpy.ok)
         if go:

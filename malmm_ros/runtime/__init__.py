@@ -38,7 +38,9 @@ def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
     """An encoder runner for `backend`.
 
     `auto` picks, in order: TensorRT (importable and a CUDA GPU), ONNX Runtime with CUDA, torch
-    on CUDA, ONNX Runtime on the CPU; it logs what it chose and why.
+    on CUDA, ONNX Runtime on the CPU; it logs what it chose and why. `engine_dir` (default:
+    `default_engine_dir()`) caches the ONNX export and TensorRT engines; the torch backend needs
+    no files and ignores it. A cache folder that cannot be created or read is a ConfigError.
     """
     if backend not in BACKENDS:
         raise ConfigError(f'unknown encoder backend {backend!r}; choose one of {list(BACKENDS)}')
@@ -54,17 +56,17 @@ def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
 
         providers = (['CUDAExecutionProvider', 'CPUExecutionProvider'] if device == 'cuda'
                      else ['CPUExecutionProvider'])
-        return OnnxRuntimeEncoder(onnx_path, threads=threads, providers=providers)
-    from malmm_ros.runtime.onnx_export import default_engine_dir
-    from malmm_ros.runtime.onnxruntime_encoder import ensure_onnx
+        return OnnxRuntimeEncoder(onnx_path, engine_dir=engine_dir, threads=threads,
+                                  providers=providers)
+    from malmm_ros.runtime.onnx_export import default_engine_dir, ensure_onnx
     from malmm_ros.runtime.tensorrt_encoder import TensorRTEncoder, tensorrt_available
 
     available, why = tensorrt_available()
     if not available:
         raise ConfigError(f'backend tensorrt needs the tensorrt package and a CUDA GPU '
                           f'(pip install .[tensorrt]): {why}')
-    return TensorRTEncoder(ensure_onnx(onnx_path), cache_dir=engine_dir or default_engine_dir(),
-                           precision=precision)
+    return TensorRTEncoder(ensure_onnx(onnx_path, engine_dir),
+                           cache_dir=engine_dir or default_engine_dir(), precision=precision)
 
 
 def _choose(device: str) -> tuple[str, str, str]:

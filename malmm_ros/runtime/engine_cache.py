@@ -6,6 +6,8 @@ JSON sidecar holding its full key and the sha256 of the engine bytes; an engine 
 the sidecar matches the requested key exactly, so a TensorRT/JetPack upgrade or a new GPU gives a
 cache miss and a rebuild instead of a crash or silently wrong results. Old engines are reported
 (`EngineCache.stale`), never deleted. This module does not import TensorRT.
+
+`ensure_cache_dir` and `atomic_write` serve every backend's cache, the ONNX export included.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import logging
 import os
 import re
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ from typing import Any, TypeVar
 
 from malmm_ros.errors import CheckpointError, ConfigError, MalmmError
 
-__all__ = ['PRECISIONS', 'EngineCache', 'EngineKey', 'atomic_write', 'onnx_sha256']
+__all__ = ['CACHE_HINT', 'PRECISIONS', 'EngineCache', 'EngineKey', 'atomic_write',
+           'ensure_cache_dir', 'onnx_sha256']
 
 PRECISIONS = ('fp32', 'fp16', 'int8')
 SIDECAR_FORMAT = 1
@@ -164,9 +167,13 @@ def onnx_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and os.replace (no torn files)."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    tmp = Path(tmp_name)
+    """Write `data` to `path` via a temp file in the same folder and os.replace (no torn files).
+
+    The temp name is unique per call, so writers in several processes never share one; the file
+    gets the usual umask permissions (mkstemp's 0600 would hide a shared cache from other users).
+    """
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, 'wb') as handle:
             handle.write(data)
@@ -176,6 +183,36 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+CACHE_HINT = 'set engine_dir or $MALMM_ENGINE_DIR to a writable folder'
+
+
+def _cache_dir_error(directory: Path, action: str, reason: str) -> ConfigError:
+    """The one-line error for an encoder cache folder that cannot be used (names it, says why)."""
+    return ConfigError(
+        f'engine_dir {directory}: cannot {action} the encoder cache ({reason}); {CACHE_HINT}'
+    )
+
+
+def ensure_cache_dir(directory: str | os.PathLike[str]) -> Path:
+    """`directory` as an absolute path, created with its parents if missing.
+
+    ConfigError naming it and the reason when it cannot be created (a parent is a file,
+    permission denied, read-only file system), is not a folder or cannot be read, so a bad
+    engine_dir is one line at start-up rather than a traceback or a failure after a long build.
+    Writing is not required: a read-only cache that already holds what is needed still works.
+    """
+    path = Path(directory).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir(exist_ok=True) raises it only for a non-folder
+        raise _cache_dir_error(path, 'use', 'it exists and is not a folder') from None
+    except OSError as exc:
+        raise _cache_dir_error(path, 'create', exc.strerror or str(exc)) from None
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise _cache_dir_error(path, 'read', 'permission denied')
+    return path
 
 
 class EngineCache:

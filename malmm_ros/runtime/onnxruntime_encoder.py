@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -11,39 +10,22 @@ import onnxruntime as ort
 
 from malmm_ros.errors import CheckpointError, FrameError
 from malmm_ros.model.encoder import IMAGE_SIZE
-from malmm_ros.runtime.onnx_export import (
-    INPUT_NAME,
-    ONNX_FILENAME,
-    default_engine_dir,
-    export_onnx,
-)
+from malmm_ros.runtime.onnx_export import INPUT_NAME, ensure_onnx, open_onnx
 
+# ensure_onnx lives in onnx_export; it stays importable from here for existing callers.
 __all__ = ['OnnxRuntimeEncoder', 'ensure_onnx']
-
-_log = logging.getLogger(__name__)
-
-
-def ensure_onnx(onnx_path: str | os.PathLike | None = None) -> Path:
-    """The encoder's ONNX file: `onnx_path`, or the cached export (exported on first use)."""
-    if onnx_path:
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise CheckpointError(f'ONNX file {path} does not exist (export it with '
-                                  '`malmm-export onnx --out PATH`)')
-        return path
-    path = default_engine_dir() / ONNX_FILENAME
-    if not path.is_file():
-        _log.info('no exported encoder at %s: exporting it once (a few seconds)', path)
-        export_onnx(path)
-    return path
 
 
 class OnnxRuntimeEncoder:
-    """uint8 RGB frames [B, 224, 224, 3] -> float32 tokens [B, 49, 1280] with ONNX Runtime."""
+    """uint8 RGB frames [B, 224, 224, 3] -> float32 tokens [B, 49, 1280] with ONNX Runtime.
 
-    def __init__(self, onnx_path: str | os.PathLike | None = None, *, threads: int = 0,
+    The graph is `onnx_path`, or the export cached in `engine_dir` (default:
+    `default_engine_dir()`), made on first use and made again once if ONNX Runtime cannot load it.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike | None = None, *,
+                 engine_dir: str | os.PathLike | None = None, threads: int = 0,
                  providers: list[str] | None = None, spinning: bool = False) -> None:
-        path = ensure_onnx(onnx_path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -55,17 +37,19 @@ class OnnxRuntimeEncoder:
         spin = '1' if spinning else '0'
         options.add_session_config_entry('session.intra_op.allow_spinning', spin)
         options.add_session_config_entry('session.inter_op.allow_spinning', spin)
+        # Providers are checked before loading, so a missing one is never taken for a corrupt
+        # cached file (and re-exported).
         available = ort.get_available_providers()
         providers = providers or ['CPUExecutionProvider']
         missing = [p for p in providers if p not in available]
         if missing:
             raise CheckpointError(f'ONNX Runtime providers {missing} are not available here '
                                   f'(available: {available})')
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise CheckpointError(f'ONNX Runtime cannot load {path}: {exc}') from None
-        self.path = path
+
+        def open_session(path: Path) -> ort.InferenceSession:
+            return ort.InferenceSession(str(path), options, providers=providers)
+
+        self.path, self.session = open_onnx(onnx_path, engine_dir, open_session)
         self.providers = self.session.get_providers()
         kind = self.providers[0].removesuffix('ExecutionProvider').lower()
         self.name = f'onnxruntime-{kind}'

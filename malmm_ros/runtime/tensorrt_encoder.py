@@ -30,6 +30,7 @@ from malmm_ros.runtime.engine_cache import (
     EngineCache,
     EngineKey,
     atomic_write,
+    ensure_cache_dir,
     onnx_sha256,
 )
 
@@ -185,11 +186,17 @@ def _make_calibrator(trt: Any, frames: Iterable[np.ndarray], cache_path: Path | 
                 return None
 
         def read_calibration_cache(self) -> bytes | None:
-            if cache_path is not None and cache_path.is_file():
-                _log.info('INT8 calibration: reusing %s', cache_path)
-                self.used_cache = True
-                return cache_path.read_bytes()
-            return None
+            if cache_path is None or not cache_path.is_file():
+                return None
+            try:
+                data = cache_path.read_bytes()
+            except OSError as exc:  # never raise into TensorRT: calibrate from frames instead
+                _log.warning('could not read INT8 calibration cache %s (%s): calibrating again',
+                             cache_path, exc)
+                return None
+            _log.info('INT8 calibration: reusing %s', cache_path)
+            self.used_cache = True
+            return data
 
         def write_calibration_cache(self, cache: Any) -> None:
             if cache_path is None:
@@ -306,7 +313,8 @@ class TensorRTEncoder:
     """uint8 RGB frames [B, 224, 224, 3] -> float32 tokens [B, 49, 1280] with a TensorRT engine.
 
     The engine comes from `cache_dir` when one matches this ONNX file, TensorRT version, GPU,
-    precision and max batch; otherwise it is built (minutes on a Jetson) and cached there.
+    precision and max batch; otherwise it is built (minutes on a Jetson) and cached there. A
+    `cache_dir` that cannot be created or read is a ConfigError before any build.
     """
 
     def __init__(
@@ -323,6 +331,7 @@ class TensorRTEncoder:
         trt = _require_tensorrt()
         _check_precision(precision)
         _check_max_batch(max_batch)
+        cache_dir = ensure_cache_dir(cache_dir)
         onnx_path = Path(onnx_path)
         self.key = current_key(onnx_path, precision, (max_batch, *IMAGE_SHAPE))
         cache = EngineCache(cache_dir)

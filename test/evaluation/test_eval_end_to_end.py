@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,6 @@ class Trained:
     config: Path  # the node config the checkpoint was trained with
     checkpoint: Path
     untrained: Path
-    train_seconds: float
 
 
 def write_node_config(path: Path, **changes: object) -> Path:
@@ -83,19 +81,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         'data.annotations_dir': str(tiny.annotations_dir), 'optim.epochs': 30,
         'optim.batch_size': 4, 'optim.lr': 3e-3, 'optim.warmup_steps': 5,
         'optim.label_smoothing': 0.0})
-    began = time.perf_counter()
     result = train_run(train_config, progress=False)
-    seconds = time.perf_counter() - began
     assert result.checkpoint is not None
-    # The same architecture and protocol with random weights: what training bought.
+    # The same architecture, labels and protocol with random weights, marked untrained as
+    # malmm-export checkpoint --untrained marks its own: what training bought.
     model = load_checkpoint(result.checkpoint)
     info = read_checkpoint_metadata(result.checkpoint)['training']
     torch.manual_seed(1)
     fresh = MalmmModel(model.config, model.labels, feature_dim=model.feature_dim,
                        num_tokens=model.num_tokens)
     untrained = save_checkpoint(root / 'untrained.safetensors', fresh, training={
-        key: info[key] for key in ('tau_a', 'tau_o', 'sample_fps', 'memory_bank_length')})
-    return Trained(tiny, root, features, config, result.checkpoint, untrained, seconds)
+        'untrained': True,
+        **{key: info[key] for key in ('tau_a', 'tau_o', 'sample_fps', 'memory_bank_length')}})
+    return Trained(tiny, root, features, config, result.checkpoint, untrained)
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -141,8 +139,8 @@ def overall(record: dict, task: str = 'action', metric: str = 'top1_accuracy') -
 # --- training --------------------------------------------------------------------------------
 
 
-def test_training_is_quick_on_one_thread(trained: Trained) -> None:
-    assert trained.train_seconds < 40.0, f'training took {trained.train_seconds:.1f} s'
+def test_training_runs_every_epoch_and_lowers_the_loss(trained: Trained) -> None:
+    # Speed is bench/train_bench.py's business, not a test's.
     history = json.loads((trained.root / 'run' / 'metrics.json').read_text())
     assert len(history) == 30 and history[-1]['train_loss'] < history[0]['train_loss']
 
@@ -163,6 +161,8 @@ def test_direct_mode_outputs(trained: Trained, direct_runs: dict[str, Path]) -> 
     out = direct_runs['P02_03']
     record = json.loads((out / 'metrics.json').read_text())
     assert record['mode'] == 'direct'
+    assert record['trained'] is True
+    assert record['checkpoint'] == str(trained.checkpoint.resolve())
     assert record['segments'] == {'segments': 6, 'scored': 5, 'no_observation': 1,
                                   'no_prediction': 0}
     assert record['timeline']['frames'] == 600 and record['timeline']['predictions'] == 20
@@ -188,6 +188,10 @@ def test_a_trained_model_beats_an_untrained_one(trained: Trained,
         outs[video_id] = trained.root / f'untrained_{video_id}'
         direct(trained, video_id, outs[video_id], trained.untrained)
     untrained = direct_hits(trained, outs)
+    for out in outs.values():  # the reports say which is which
+        assert json.loads((out / 'metrics.json').read_text())['trained'] is False
+        assert 'UNTRAINED checkpoint' in (out / 'report' / 'summary.md').read_text()
+    assert 'UNTRAINED' not in (direct_runs['P01_01'] / 'report' / 'summary.md').read_text()
     assert len(right) == len(untrained) == 12
     assert not right['P01_01_0'] and not right['P02_03_0']  # ts - ta < 0: always misses
     trained_accuracy = np.mean(list(right.values()))
@@ -206,7 +210,7 @@ def test_features_mode_agrees_with_direct_mode(trained: Trained,
                                    str(trained.checkpoint), '--out', str(out))
     assert code == 0, stderr
     record = json.loads((out / 'metrics.json').read_text())
-    assert record['mode'] == 'features'
+    assert record['mode'] == 'features' and record['trained'] is True
     assert record['windows'] == {'windows': 10, 'no_observation': 2, 'no_features': 0,
                                  'feature_gap': 0}
     assert record['settings']['tau_o'] == 10.0 and record['settings']['sample_fps'] == 1.0
@@ -292,6 +296,7 @@ def test_live_mode_over_dds(trained: Trained) -> None:
     reference = json.loads((out / 'direct' / 'metrics.json').read_text())
     stream = record['stream']
     assert record['mode'] == 'live' and reference['mode'] == 'direct'
+    assert record['trained'] is True and reference['trained'] is True
     assert stream['published'] == 600 and stream['expected_predictions'] == 20
     assert stream['node_exit_code'] == 0
     # One frame a second into an idle node: nothing should be lost, and the pipeline is
@@ -305,7 +310,7 @@ def test_live_mode_over_dds(trained: Trained) -> None:
     else:
         assert overall(record) >= overall(reference) - 2 / 6, stream
     latency = record['latency_ms']
-    assert 0 < latency['p50'] <= latency['p95'] < 1000 and latency['count'] >= 18
+    assert 0 < latency['p50'] <= latency['p95'] and latency['count'] >= 18
     assert record['gap_to_direct']['overall']['action']['top1_accuracy'] == pytest.approx(
         overall(record) - overall(reference))
     assert record['arrival_metrics']['overall']['action']['count'] == 6

@@ -27,7 +27,11 @@ PAIRS = [(v, v + 1) for v in range(V)]
 LABELS = LabelMaps.placeholder(V, N).with_actions(PAIRS)
 
 
-def evaluation(*, labelled: bool = True, latency: bool = False) -> Evaluation:
+CHECKPOINT = '/runs/train/checkpoint.safetensors'
+
+
+def evaluation(*, labelled: bool = True, latency: bool = False, mode: str | None = None,
+               trained: bool = True) -> Evaluation:
     """24 segments over 8 verbs; predictions right for the even verbs, wrong for the odd."""
     rng = np.random.default_rng(0)
     verbs = [i % V for i in range(24)]
@@ -47,9 +51,10 @@ def evaluation(*, labelled: bool = True, latency: bool = False) -> Evaluation:
     metrics = (segment_metrics(scores, unseen_participants={'P02'}, tail_verbs={1},
                                tail_nouns={2}) if labelled else None)
     delays = rng.gamma(4.0, 5.0, size=24) if latency else None
-    return Evaluation('live' if latency else 'direct', scores, LABELS, metrics,
-                      {'tau_a': 1.0, 'sample_fps': 1.0}, {'video_id': 'P01_01'}, 1.5,
-                      latency_ms=delays)
+    mode = mode or ('live' if latency else 'direct')
+    return Evaluation(mode, scores, LABELS, metrics, {'tau_a': 1.0, 'sample_fps': 1.0},
+                      {'video_id': 'P01_01'}, 1.5, latency_ms=delays, checkpoint=CHECKPOINT,
+                      trained=trained)
 
 
 def check_png(path: Path) -> np.ndarray:
@@ -114,6 +119,28 @@ def test_metrics_json_round_trip(tmp_path: Path) -> None:
     assert loaded['segments'] == {'segments': 24, 'scored': 24, 'no_observation': 0,
                                   'no_prediction': 0}
     assert loaded['extra'] == {'count': 3, 'value': 0.5, 'path': str(tmp_path)}
+
+
+@pytest.mark.parametrize('mode', ['direct', 'features', 'live'])
+@pytest.mark.parametrize('trained', [True, False])
+def test_untrained_checkpoint_is_said_in_metrics_and_summary(tmp_path: Path, mode: str,
+                                                             trained: bool) -> None:
+    result = evaluation(mode=mode, latency=mode == 'live', trained=trained)
+    record = result.to_dict()
+    if mode == 'live':  # live mode adds its stream counts to the record, as live_eval does
+        record['stream'] = {'published': 600, 'predictions': 24}
+    loaded = json.loads(write_metrics(tmp_path / 'metrics.json', record).read_text())
+    assert loaded['trained'] is trained
+    assert loaded['checkpoint'] == CHECKPOINT
+    write_report(tmp_path / 'report', result, record=record)
+    lines = (tmp_path / 'report' / 'summary.md').read_text().splitlines()
+    assert lines[0].startswith(f'# malmm-eval: {mode} mode')
+    untrained = [i for i, line in enumerate(lines) if 'UNTRAINED checkpoint' in line]
+    if trained:
+        assert untrained == []
+    else:  # right under the title, before any number
+        assert untrained == [2]
+        assert CHECKPOINT in lines[2] and 'chance-level' in lines[2]
 
 
 def test_metric_gap_and_latency_summary() -> None:

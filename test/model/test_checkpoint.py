@@ -12,16 +12,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from malmm_ros.config import ModelConfig
+from malmm_ros.config import AnticipateConfig, LabelsConfig, ModelConfig
 from malmm_ros.data.labels import LabelMaps
-from malmm_ros.errors import CheckpointError
+from malmm_ros.errors import CheckpointError, DataError
 from malmm_ros.model.checkpoint import (
     CHECKPOINT_FORMAT,
+    checkpoint_is_trained,
     load_checkpoint,
+    load_text_projector,
     read_checkpoint_metadata,
     save_checkpoint,
+    save_untrained_checkpoint,
+    untrained_model,
 )
 from malmm_ros.model.malmm import MalmmModel
+from malmm_ros.model.text import TextProjector
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
                      encoder_width=24)
@@ -257,3 +262,115 @@ def test_bad_feature_metadata(tmp_path: Path, saved: Path, field: str, value: ob
     save_file(tensors, str(path), metadata={'malmm_ros': json.dumps(metadata)})
     with pytest.raises(CheckpointError, match=field):
         load_checkpoint(path)
+
+
+# -- non-finite weights -----------------------------------------------------------------------
+
+
+def _poisoned(path: Path, values: dict[str, tuple[slice, float]], *,
+              projector: TextProjector | None = None) -> Path:
+    """A real checkpoint of _model() with `values[name] = (where, value)` written into it."""
+    model = _model()
+    with torch.no_grad():
+        state = model.state_dict()
+        for name, (where, value) in values.items():
+            state[name].view(-1)[where] = value
+    return save_checkpoint(path, model, training={'epochs': 3}, text_projector=projector)
+
+
+@pytest.mark.parametrize(
+    ('values', 'name', 'count'),
+    [
+        ({'adapter.proj.weight': (slice(None), float('nan'))}, 'adapter.proj.weight', 960),
+        ({'qformer.layers.1.feed_forward.dense_out.bias': (slice(3, 6), float('inf'))},
+         'qformer.layers.1.feed_forward.dense_out.bias', 3),
+        ({'heads.verb.bias': (slice(0, 1), float('-inf'))}, 'heads.verb.bias', 1),
+        # Two bad tensors: the first by name is named.
+        ({'qformer.query_tokens': (slice(0, 2), float('nan')),
+          'heads.noun.weight': (slice(0, 7), float('inf'))}, 'heads.noun.weight', 7),
+    ],
+    ids=['all-nan', 'some-inf', 'minus-inf', 'two-tensors'],
+)
+def test_non_finite_tensor_is_refused(tmp_path: Path, values: dict, name: str,
+                                      count: int) -> None:
+    path = _poisoned(tmp_path / 'bad.safetensors', values)
+    message = f'checkpoint {path}: tensor {name} has {count} NaN/inf values'
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(path, CONFIG)
+
+
+def test_finite_checkpoint_still_loads_after_the_check(tmp_path: Path) -> None:
+    # Huge but finite values are legal weights; only NaN and inf are refused.
+    path = _poisoned(tmp_path / 'big.safetensors', {'adapter.proj.bias': (slice(0, 2), 3e38)})
+    loaded = load_checkpoint(path)
+    assert loaded.state_dict()['adapter.proj.bias'][:2].tolist() == pytest.approx([3e38] * 2)
+
+
+def test_non_finite_text_projector_is_refused(tmp_path: Path) -> None:
+    projector = TextProjector.untrained(CONFIG.hidden_size, 16, llm_name='tiny', prompt='next?')
+    with torch.no_grad():
+        projector.proj.weight[0, :4] = float('nan')
+    path = _poisoned(tmp_path / 'text.safetensors', {}, projector=projector)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f'checkpoint {path}: tensor text_projector.proj.weight has 4 NaN/inf values')):
+        load_text_projector(path)
+    assert load_checkpoint(path).labels == LABELS  # the main model's weights are fine
+
+
+# -- untrained checkpoints ----------------------------------------------------------------------
+
+
+UNTRAINED_CONFIG = AnticipateConfig(model=CONFIG, memory_bank_length=7, sample_fps=2.0)
+
+
+def test_untrained_checkpoint_round_trip(tmp_path: Path) -> None:
+    path = save_untrained_checkpoint(tmp_path / 'u.safetensors', UNTRAINED_CONFIG)
+    assert checkpoint_is_trained(path) is False
+    assert read_checkpoint_metadata(path)['training'] == {
+        'untrained': True, 'seed': 0, 'memory_bank_length': 7, 'sample_fps': 2.0}
+    loaded = load_checkpoint(path, CONFIG)
+    expected = untrained_model(UNTRAINED_CONFIG)
+    assert loaded.labels == expected.labels
+    assert loaded.labels.num_verbs == 97 and loaded.labels.num_nouns == 300  # placeholders
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_untrained_model_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(42)
+    before = torch.rand(3)
+    torch.manual_seed(42)
+    first = untrained_model(UNTRAINED_CONFIG)
+    assert torch.equal(torch.rand(3), before)  # the caller's stream did not move
+    torch.manual_seed(7)
+    second = untrained_model(UNTRAINED_CONFIG)
+    assert not first.training
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(second.state_dict()[name], tensor), name
+
+
+def test_untrained_model_takes_the_configured_class_csvs(tmp_path: Path) -> None:
+    for kind, names in (('verb', ('take', 'put')), ('noun', ('tap', 'spoon', 'plate'))):
+        rows = ''.join(f'{i},{n},"[\'{n}\']",{n}\n' for i, n in enumerate(names))
+        (tmp_path / f'{kind}s.csv').write_text('id,key,instances,category\n' + rows)
+    config = AnticipateConfig(model=CONFIG, labels=LabelsConfig(
+        verb_classes=str(tmp_path / 'verbs.csv'), noun_classes=str(tmp_path / 'nouns.csv')))
+    labels = untrained_model(config).labels
+    assert [c.name for c in labels.verbs] == ['take', 'put']
+    assert [c.name for c in labels.nouns] == ['tap', 'spoon', 'plate']
+    bad = AnticipateConfig(model=CONFIG, labels=LabelsConfig(
+        verb_classes=str(tmp_path / 'absent.csv')))
+    with pytest.raises(DataError, match='absent.csv'):
+        untrained_model(bad)
+
+
+def test_every_other_checkpoint_counts_as_trained(saved: Path, tmp_path: Path) -> None:
+    assert checkpoint_is_trained(saved) is True  # training {'epochs': 3}
+    model = load_checkpoint(saved)
+    for training in (None, {'untrained': False}, {'untrained': 'yes'}):
+        path = save_checkpoint(tmp_path / 'c.safetensors', model, training=training)
+        assert checkpoint_is_trained(path) is True, training
+    with pytest.raises(CheckpointError, match='does not exist'):
+        checkpoint_is_trained(tmp_path / 'absent.safetensors')

@@ -143,13 +143,13 @@ def test_node_runs_the_installed_executable(node_call: ast.Call, setup_call: ast
     assert path.stat().st_mode & 0o111, f'{path} must be executable (chmod +x)'
     text = path.read_text()
     assert text.startswith('#!/usr/bin/env python3\n')
-    assert 'from malmm_ros.ros.anticipate_node import main' in text
+    assert 'from malmm_ros.ros.anticipate_main import main' in text
 
 
 def test_console_script_exists(setup_call: ast.Call) -> None:
     entry_points = _literal(_kwargs(setup_call)['entry_points'])
     scripts = dict(s.replace(' ', '').split('=') for s in entry_points['console_scripts'])
-    assert scripts['malmm-anticipate'] == 'malmm_ros.ros.anticipate_node:main'
+    assert scripts['malmm-anticipate'] == 'malmm_ros.ros.anticipate_main:main'
     assert 'malmm-demo' in scripts
 
 
@@ -170,7 +170,8 @@ def test_remaps_the_image_topics(node_call: ast.Call) -> None:
     remaps = kwargs['remappings']
     assert isinstance(remaps, ast.List)
     sources = [_literal(pair.elts[0]) for pair in remaps.elts if isinstance(pair, ast.Tuple)]
-    assert sources == ['image', 'image/compressed'], 'the node subscribes to `image` (relative)'
+    # One remap: the compressed input is `<image>/compressed` (image_transport's convention).
+    assert sources == ['image'], 'the node subscribes to `image` (relative)'
     assert isinstance(kwargs['namespace'], ast.Name)
     assert _literal(kwargs['output']) == 'screen'
 

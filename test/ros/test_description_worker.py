@@ -16,6 +16,7 @@ from malmm_ros.model.tiny_llm import write_tiny_llm
 from malmm_ros.ros.description_worker import NICE, DescriptionWorker
 
 WIDTH = 16
+WAIT_S = 60.0  # bounds every wait for an event; generous, the machine may be busy
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +51,7 @@ def _queries(seed: int) -> torch.Tensor:
     return torch.randn(1, 4, WIDTH, generator=torch.Generator().manual_seed(seed))
 
 
-def _wait(condition, timeout: float = 60.0) -> None:
+def _wait(condition, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, 'timed out'
@@ -107,19 +108,35 @@ def test_no_describer_no_request(describer: TextDescriber) -> None:
         worker.stop()
 
 
-def test_stop_abandons_a_long_description(describer: TextDescriber) -> None:
+def test_stop_abandons_a_long_description_within_a_token(describer: TextDescriber) -> None:
+    """Counted in LLM forward passes (one per token), not in seconds."""
     sink = Sink()
     slow = TextDescriber(describer.llm, describer.tokenizer, describer.projector,
                          name=describer.name, options=GenerationOptions(max_new_tokens=1000),
                          trained=False)
-    worker = DescriptionWorker(slow, sink.publish, sink.error)
-    assert worker.submit(_queries(6), 1)
-    time.sleep(0.2)  # well into the generation
-    start = time.monotonic()
-    worker.stop(timeout=30.0)
-    assert time.monotonic() - start < 1.0
-    assert not worker._thread.is_alive()
-    assert sink.published == [] and sink.errors == []
+    forwards = 0
+    generating = threading.Event()
+
+    def count_forward(*_: object) -> None:
+        nonlocal forwards
+        forwards += 1
+        if forwards >= 3:  # the prompt and two tokens: well into the generation
+            generating.set()
+
+    hook = describer.llm.register_forward_hook(count_forward)
+    try:
+        worker = DescriptionWorker(slow, sink.publish, sink.error)
+        assert worker.submit(_queries(6), 1)
+        assert generating.wait(WAIT_S), 'the generation never started'
+        at_stop = forwards
+        worker.stop(timeout=WAIT_S)
+        assert not worker._thread.is_alive()
+        # The step running when stop() came may finish, and one more may start before the
+        # stopping check; the other ~1000 never run.
+        assert forwards - at_stop <= 2, f'{forwards - at_stop} tokens after stop()'
+        assert sink.published == [] and sink.errors == []
+    finally:
+        hook.remove()
 
 
 @pytest.mark.skipif(not hasattr(os, 'getpriority'), reason='no thread priorities here')
@@ -128,7 +145,7 @@ def test_thread_runs_at_a_lower_priority(describer: TextDescriber) -> None:
     try:
         base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         tid = worker._thread.native_id
-        _wait(lambda: os.getpriority(os.PRIO_PROCESS, tid) != base, timeout=5.0)
+        _wait(lambda: os.getpriority(os.PRIO_PROCESS, tid) != base)
         assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, base + NICE)
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     finally:

@@ -7,15 +7,25 @@ decoder that mixes up channel order, endianness, row padding or the YUV byte ord
 from __future__ import annotations
 
 import array
+import dataclasses
+import json
+import os
+import re
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from node_helpers import image_bombs
+from node_helpers.image_bombs import BOMBS
 
+from malmm_ros.config import AnticipateConfig
+from malmm_ros.decode_limits import MAX_DECODE_PIXELS
 from malmm_ros.errors import FrameError
 from malmm_ros.ros.image_codec import decode_compressed, decode_image, encode_bgr8
 
@@ -358,8 +368,19 @@ def test_truncated_image_raises(ext: str) -> None:
 
 @pytest.mark.parametrize('fmt', ['jpeg', 'png'])
 def test_random_bytes_raise(fmt: str) -> None:
-    with pytest.raises(FrameError, match=rf'cannot decode {fmt} image of 4000 bytes'):
-        decode_compressed(fmt, _rng(18).bytes(4000))
+    with pytest.raises(FrameError, match=r'neither JPEG nor PNG: it starts with [0-9A-F ]+ '
+                                         r'\(no image format known here\)'):
+        decode_compressed(fmt, b'\x00' + _rng(18).bytes(3999))
+
+
+@pytest.mark.parametrize(('magic', 'message'), [
+    (b'\xff\xd8\xff', r'JPEG has byte .. at offset \d+ where a marker should start|JPEG '
+                      r'(has marker|segment) FF'),
+    (b'\x89PNG\r\n\x1a\n', r'PNG of 4008 bytes does not start with its 13-byte IHDR chunk'),
+])
+def test_random_bytes_behind_the_magic_raise(magic: bytes, message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        decode_compressed('', magic + _rng(19).bytes(4000))
 
 
 @pytest.mark.parametrize('empty', [b'', bytearray(), memoryview(b''), np.zeros(0, np.uint8),
@@ -384,6 +405,377 @@ def test_compressed_image_larger_than_max_side_raises() -> None:
     small = _encode(_random_rgb(20, 30), '.jpg')
     with pytest.raises(FrameError, match=r'image is 30x20, larger than max_image_side=29'):
         decode_compressed('jpeg', small, max_side=29)
+
+
+# -- decompression bombs -------------------------------------------------------------------
+# Payloads from node_helpers/image_bombs.py: tiny files that declare huge images.
+
+REFUSALS = {  # bomb -> what the refusal must say
+    'webp_16383x16383': r"unsupported compressed format 'webp'",
+    'webp_labelled_jpeg': r'neither JPEG nor PNG: it starts with 52 49 46 46 .* \(looks like '
+                          r'WebP\)',
+    'tiff_20000x20000': r"unsupported compressed format 'tiff'",
+    'tiff_labelled_png': r'neither JPEG nor PNG: it starts with 49 49 2A 00 .* \(looks like '
+                         r'TIFF\)',
+    'tiff_unlabelled': r'neither JPEG nor PNG: it starts with 49 49 2A 00 .* \(looks like TIFF\)',
+    'jpeg_late_sof_20000x20000': r'image is 20000x20000, larger than max_image_side=4096',
+    'png_20000x20000': r'image is 20000x20000, larger than max_image_side=4096',
+}
+
+# Runs in a fresh interpreter: the codec is imported first (as in the node, where it sets
+# OpenCV's limit), then one bomb is decoded and the growth of the peak RSS printed.
+BOMB_SCRIPT = """
+import json, resource, sys
+from malmm_ros.errors import FrameError
+from malmm_ros.ros.image_codec import decode_compressed
+sys.path.insert(0, {helpers!r})
+from node_helpers.image_bombs import BOMBS
+fmt, make = BOMBS[{name!r}]
+data = make()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    image = decode_compressed(fmt, data, max_side={max_side})
+    outcome = 'decoded %dx%d' % (image.shape[1], image.shape[0])
+except FrameError as exc:
+    outcome = 'FrameError: %s' % exc
+growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({{'outcome': outcome, 'growth_mib': growth_kib / 1024, 'bytes': len(data)}}))
+"""
+
+
+def _decode_in_subprocess(name: str, max_side: int = 4096) -> dict:
+    code = BOMB_SCRIPT.format(helpers=str(REPO / 'test' / 'ros'), name=name, max_side=max_side)
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize('name', sorted(BOMBS))
+def test_bomb_is_refused_before_any_pixel_is_decoded(name: str) -> None:
+    """Before the fix the mislabelled WebP and TIFF and the late-SOF JPEG were decoded in full
+    (peak RSS +1.8, +2.3 and +1.1 GB); refused from their headers, nothing large is allocated."""
+    report = _decode_in_subprocess(name)
+    assert re.fullmatch(rf'FrameError: .*{REFUSALS[name]}.*', report['outcome']), report
+    assert report['bytes'] < 256 * 1024, report  # small payloads ...
+    assert report['growth_mib'] < 100, report  # ... that never turn into big allocations
+
+
+def test_bomb_files_are_real_images() -> None:
+    """The bomb builders make files OpenCV decodes (shown at a small size): the refusals above
+    are of real images, not of garbage."""
+    small = {
+        'webp': image_bombs.webp_bomb(24, 16, rgb=(40, 90, 160)),
+        'tiff': image_bombs.tiff_bomb(24, 40, rows_per_strip=16),
+        'jpeg': image_bombs.late_sof_jpeg(64, 48),
+    }
+    shapes = {}
+    for kind, data in small.items():
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        assert image is not None, kind
+        shapes[kind] = image.shape
+    assert shapes == {'webp': (16, 24, 3), 'tiff': (40, 24, 3), 'jpeg': (48, 64, 3)}
+    webp = cv2.imdecode(np.frombuffer(small['webp'], np.uint8), cv2.IMREAD_COLOR_RGB)
+    assert (webp == (40, 90, 160)).all()
+
+
+OTHER_FORMATS = {  # extension -> what the refusal says it looks like
+    '.webp': 'WebP', '.tiff': 'TIFF', '.bmp': 'BMP', '.gif': 'GIF', '.jp2': 'JPEG 2000',
+    '.avif': 'AVIF', '.hdr': 'Radiance HDR', '.ppm': 'PNM/PFM', '.pfm': 'PNM/PFM',
+    '.ras': 'Sun raster',
+}
+
+
+@pytest.mark.parametrize('fmt', ['jpeg', 'png', ''])
+@pytest.mark.parametrize('ext', sorted(OTHER_FORMATS))
+def test_other_formats_are_refused_by_their_magic_bytes(ext: str, fmt: str) -> None:
+    """Valid small files OpenCV would decode, whatever `format` claims."""
+    rgb = _gradient(64, 64)
+    source = rgb.astype(np.float32) / 255 if ext in ('.hdr', '.pfm') else rgb
+    data = _encode(source, ext)
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+    with pytest.raises(FrameError, match=rf'neither JPEG nor PNG: it starts with [0-9A-F ]+ '
+                                         rf'\(looks like {OTHER_FORMATS[ext]}\); only JPEG '
+                                         r'\(FF D8 FF\) and PNG \(89 50 4E 47 0D 0A 1A 0A\)'):
+        decode_compressed(fmt, data)
+
+
+@pytest.mark.parametrize(('fmt', 'ext'), [('png', '.jpg'), ('jpeg', '.png'),
+                                          ('rgb8; png compressed bgr8', '.jpg')])
+def test_the_magic_bytes_decide_not_the_format_string(fmt: str, ext: str) -> None:
+    rgb = _gradient()
+    data = _encode(rgb, ext, cv2.IMWRITE_JPEG_QUALITY, 95) if ext == '.jpg' else _encode(rgb, ext)
+    out = decode_compressed(fmt, data)
+    assert out.shape == rgb.shape
+    assert np.abs(out.astype(np.int32) - rgb).mean() < 2.0
+
+
+def test_progressive_jpeg_decodes() -> None:
+    data = image_bombs.jpeg(48, 64, 95, progressive=True)
+    assert b'\xff\xc2' in data  # a progressive frame header
+    baseline = image_bombs.jpeg(48, 64, 95)
+    out = decode_compressed('jpeg', data)
+    assert out.shape == (48, 64, 3)
+    reference = decode_compressed('jpeg', baseline)
+    assert np.abs(out.astype(np.int32) - reference).mean() < 2.0
+
+
+def _encode_raw(array: np.ndarray, ext: str) -> bytes:
+    ok, buffer = cv2.imencode(ext, np.ascontiguousarray(array))
+    assert ok
+    return buffer.tobytes()
+
+
+@pytest.mark.parametrize('channels', [1, 3, 4], ids=['gray16', 'rgb16', 'rgba16'])
+def test_16_bit_png_decodes_to_8_bit_rgb(channels: int) -> None:
+    values = _rng(22).integers(0, 256, (9, 11, channels), dtype=np.uint16)
+    wide = values * 257  # v * 257 is v in both bytes: 8 bits exactly, truncated or rounded
+    bgr_order = wide[..., [2, 1, 0, 3][:channels]] if channels > 1 else wide[..., 0]
+    out = decode_compressed('png', _encode_raw(bgr_order, '.png'))
+    expected = np.repeat(values, 3, axis=2) if channels == 1 else values[..., :3]
+    np.testing.assert_array_equal(out, expected.astype(np.uint8))
+
+
+# -- the JPEG marker walk --
+
+
+def _app1(size: int, fill: bytes = b'\0') -> bytes:
+    return image_bombs.segment(0xE1, b'Exif\0\0' + fill * (size - 6))
+
+
+def _sof(width: int, height: int) -> bytes:
+    """A baseline SOF segment for one 8-bit component."""
+    return image_bombs.segment(0xC0, bytes([8]) + struct.pack('>HH', height, width)
+                               + bytes([1, 1, 0x11, 0]))
+
+
+def test_sof_after_more_than_64_kib_of_segments_is_found() -> None:
+    """The old check read the first 64 KiB only; now a legit frame with 196 KB of APP1 first
+    decodes, and a huge one is refused before decoding."""
+    plain = image_bombs.jpeg()
+    late = image_bombs.late_sof_jpeg(64, 48)
+    assert len(late) > 3 * 65536 and late.index(b'\xff\xc0') > 128 * 1024
+    np.testing.assert_array_equal(decode_compressed('jpeg', late),
+                                  decode_compressed('jpeg', plain))
+    huge = image_bombs.late_sof_jpeg(8000, 6000)
+    with pytest.raises(FrameError, match=r'image is 8000x6000, larger than max_image_side'):
+        decode_compressed('jpeg', huge)
+
+
+def test_sof_like_bytes_inside_other_segments_are_skipped() -> None:
+    """An EXIF thumbnail (SOI + SOF of its own) inside APP1, or SOF bytes inside a comment, are
+    not the frame header: the walk skips whole segments, as libjpeg does."""
+    plain = image_bombs.jpeg()
+    thumbnail_of = {'huge': image_bombs.set_jpeg_size(plain, 20000, 20000),
+                    'small': image_bombs.set_jpeg_size(plain, 16, 12)}
+    reference = decode_compressed('jpeg', plain)
+    hidden_huge = image_bombs.jpeg_with_segments(plain, image_bombs.segment(
+        0xE1, b'Exif\0\0' + thumbnail_of['huge'][:2000]))
+    np.testing.assert_array_equal(decode_compressed('jpeg', hidden_huge), reference)
+    comment = image_bombs.jpeg_with_segments(plain, image_bombs.segment(0xFE, _sof(20000, 20000)))
+    np.testing.assert_array_equal(decode_compressed('jpeg', comment), reference)
+    # and the other way round: a small thumbnail does not hide a huge frame
+    huge = image_bombs.set_jpeg_size(plain, 20000, 20000)
+    hidden_small = image_bombs.jpeg_with_segments(huge, image_bombs.segment(
+        0xE1, b'Exif\0\0' + thumbnail_of['small'][:2000]))
+    with pytest.raises(FrameError, match=r'image is 20000x20000, larger than max_image_side'):
+        decode_compressed('jpeg', hidden_small)
+
+
+def test_the_first_of_several_sofs_counts() -> None:
+    plain = image_bombs.jpeg()
+    with pytest.raises(FrameError, match=r'image is 20000x20000, larger than max_image_side'):
+        decode_compressed('jpeg', image_bombs.jpeg_with_segments(plain, _sof(20000, 20000)))
+    # a second SOF after the real one: libjpeg refuses the file, never decodes a bigger frame
+    sof = plain.index(b'\xff\xc0')
+    second = plain[:sof] + plain[sof:sof + 19] + _sof(20000, 20000) + plain[sof + 19:]
+    assert plain[sof + 2:sof + 4] == b'\x00\x11'  # the real SOF is 19 bytes long (3 components)
+    with pytest.raises(FrameError, match=r'cannot decode jpeg image .* \(truncated or corrupt\)'):
+        decode_compressed('jpeg', second)
+
+
+def _with_segments_before_sof(segments: bytes) -> bytes:
+    return image_bombs.jpeg_with_segments(image_bombs.jpeg(), segments)
+
+
+@pytest.mark.parametrize(('data', 'message'), [
+    (b'\xff\xd8\xff\xe0\x00\x10JFIF\0\x01\x01\0\0\x01\0\x01\0\0\xff\xd9',
+     r'JPEG has marker FF D9 at offset 20, before its frame header'),
+    (b'\xff\xd8\xff\xe0\x00\x10JFIF\0\x01\x01\0\0\x01\0\x01\0\0',
+     r'JPEG of 20 bytes ends before its frame header \(SOF\)'),
+    (b'\xff\xd8\xff\xfe\x00\x01' + bytes(100), r'segment FF FE at offset 2 has length 1'),
+    (b'\xff\xd8\xff\xfe\x00\x00' + bytes(100), r'segment FF FE at offset 2 has length 0'),
+    (b'\xff\xd8\xff\xe1\xff\xff' + bytes(100), r'segment FF E1 at offset 2 has length 65535, '
+                                               r'which does not fit the 106 bytes'),
+    (b'\xff\xd8\xff\xfe\x00\x04ab\x00\xff\xc0', r'byte 00 at offset 8 where a marker should'),
+    (b'\xff\xd8\xff\xda\x00\x08' + bytes(200), r'marker FF DA at offset 2, before its frame'),
+    (b'\xff\xd8\xff\xd8\xff\xc0', r'marker FF D8 at offset 2'),
+    (b'\xff\xd8\xff\xc0\x00\x06\x08\x00\x10\x00' + bytes(50), r'frame header at offset 2 is 6 '
+                                                              r'bytes long'),
+    (_with_segments_before_sof(b'\xff\xfe\x00\x02' * 1000),
+     r'JPEG has more than 1000 markers before its frame header'),
+], ids=['eoi_before_sof', 'no_sof', 'length_1', 'length_0', 'length_past_end',
+        'garbage_between_segments', 'scan_before_sof', 'second_soi', 'short_sof',
+        'too_many_markers'])
+def test_malformed_jpeg_headers_are_refused_before_decoding(data: bytes, message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        decode_compressed('jpeg', data)
+
+
+def test_empty_segments_and_fill_bytes_up_to_the_bound_are_fine() -> None:
+    reference = decode_compressed('jpeg', image_bombs.jpeg())
+    many = _with_segments_before_sof(b'\xff\xfe\x00\x02' * 900 + b'\xff\xff\xff')
+    np.testing.assert_array_equal(decode_compressed('jpeg', many), reference)
+
+
+def test_a_million_tiny_segments_are_refused_at_the_bound() -> None:
+    """4 MB of 4-byte COM segments: the walk stops at its bound instead of crawling them."""
+    data = _with_segments_before_sof(b'\xff\xfe\x00\x02' * 1_000_000)
+    with pytest.raises(FrameError, match=r'more than 1000 markers before its frame header'):
+        decode_compressed('jpeg', data)
+
+
+def test_fuzzed_jpeg_headers_only_ever_raise_frame_error() -> None:
+    """Random marker soups, random lengths and byte flips of a real header: the walk ends
+    every time, with a size that is then checked or a FrameError, never another error."""
+    rng = _rng(23)
+    real = image_bombs.jpeg(16, 16)
+    scan = real.index(b'\xff\xda')
+    markers = [0xC0, 0xC2, 0xC4, 0xC8, 0xCC, 0xD0, 0xD8, 0xD9, 0xDA, 0xDB, 0xDD, 0xE0, 0xE1,
+               0xEF, 0xF0, 0xFE, 0xFF, 0x00, 0x01]
+    outcomes = {'decoded': 0, 'refused': 0}
+    for trial in range(600):
+        if trial % 3 == 0:  # a soup of random segments with random lengths
+            parts = [b'\xff\xd8\xff']
+            for _ in range(int(rng.integers(1, 12))):
+                length = int(rng.integers(0, 40))
+                parts.append(bytes([int(rng.choice(markers))]) + struct.pack('>H', length)
+                             + rng.bytes(int(rng.integers(0, 40))) + b'\xff')
+            data = b''.join(parts)
+        elif trial % 3 == 1:  # a real header with bytes flipped
+            data = bytearray(real)
+            for at in rng.integers(2, scan + 4, int(rng.integers(1, 6))):
+                data[int(at)] = int(rng.integers(0, 256))
+            data = bytes(data)
+        else:  # the magic, then noise
+            data = b'\xff\xd8\xff' + rng.bytes(int(rng.integers(0, 300)))
+        try:
+            image = decode_compressed('jpeg', data, max_side=64)
+        except FrameError:
+            outcomes['refused'] += 1
+        else:
+            assert image.ndim == 3 and max(image.shape[:2]) <= 64
+            outcomes['decoded'] += 1
+    assert outcomes['refused'] > 300, outcomes
+
+
+# -- PNG header --
+
+
+def _png_chunks(data: bytes) -> list[bytes]:
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], 'big')
+        chunks.append(data[pos:pos + 12 + length])
+        pos += 12 + length
+    return chunks
+
+
+def test_png_without_ihdr_first_is_refused() -> None:
+    data = _encode(_random_rgb(8, 8, seed=24), '.png')
+    chunks = _png_chunks(data)
+    assert chunks[0][4:8] == b'IHDR'
+    text = struct.pack('>I', 5) + b'tEXtab\0cd' + struct.pack('>I', zlib.crc32(b'tEXtab\0cd'))
+    moved = data[:8] + text + b''.join(chunks)
+    with pytest.raises(FrameError, match=r'PNG of \d+ bytes does not start with its 13-byte '
+                                         r'IHDR chunk'):
+        decode_compressed('png', moved)
+    with pytest.raises(FrameError, match=r'PNG of 20 bytes does not start'):
+        decode_compressed('png', data[:20])
+
+
+def test_pixel_budget_holds_whatever_max_side_says() -> None:
+    """A caller may pass a max_side above 16384; the pixel budget still refuses the bomb."""
+    data = image_bombs.png_declaring(20000, 20000)
+    with pytest.raises(FrameError, match=r'image is 20000x20000 = 400000000 pixels, more than '
+                                         r'the 268435456 a frame may have'):
+        decode_compressed('png', data, max_side=30000)
+    report = _decode_in_subprocess('jpeg_late_sof_20000x20000', max_side=30000)
+    assert 'more than the 268435456 a frame may have' in report['outcome'], report
+    assert report['growth_mib'] < 100, report
+
+
+def test_pixel_budget_matches_the_largest_max_image_side() -> None:
+    spec = {f.name: f for f in dataclasses.fields(AnticipateConfig)}['max_image_side']
+    assert MAX_DECODE_PIXELS == spec.metadata['range'][1] ** 2
+
+
+# -- OpenCV's own limit --
+
+FENCE_SCRIPT = """
+import json, os, sys
+import malmm_ros.ros.image_codec
+import cv2
+import numpy as np
+sys.path.insert(0, {helpers!r})
+from node_helpers.image_bombs import png_declaring
+out = {{'env': os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS')}}
+for width, height in {sizes!r}:
+    try:
+        image = cv2.imdecode(np.frombuffer(png_declaring(width, height), np.uint8),
+                             cv2.IMREAD_COLOR)
+        out['%dx%d' % (width, height)] = 'no error' if image is None else 'decoded'
+    except cv2.error as exc:
+        out['%dx%d' % (width, height)] = str(exc).strip().splitlines()[-1]
+print(json.dumps(out))
+"""
+
+
+def _fence(sizes: list[tuple[int, int]], env_value: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != 'OPENCV_IO_MAX_IMAGE_PIXELS'}
+    if env_value is not None:
+        env['OPENCV_IO_MAX_IMAGE_PIXELS'] = env_value
+    code = FENCE_SCRIPT.format(helpers=str(REPO / 'test' / 'ros'), sizes=sizes)
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize('env_value', [None, ''], ids=['unset', 'empty'])
+def test_opencv_refuses_more_pixels_once_the_codec_is_imported(env_value: str | None) -> None:
+    """cv2.imdecode itself, called directly, refuses a PNG declaring more than 16384**2 pixels
+    before allocating it; at exactly 16384**2 OpenCV only fails on the missing pixel data."""
+    out = _fence([(20000, 20000), (16384, 16385), (16384, 16384)], env_value)
+    assert out['env'] == str(16384 * 16384)
+    for size in ('20000x20000', '16384x16385'):
+        assert 'pixels <= CV_IO_MAX_IMAGE_PIXELS' in out[size], out
+    assert out['16384x16384'] == 'no error', out
+
+
+def test_a_pixel_limit_chosen_by_the_user_is_kept() -> None:
+    out = _fence([(40, 40), (30, 30)], '1000')
+    assert out['env'] == '1000'
+    assert 'pixels <= CV_IO_MAX_IMAGE_PIXELS' in out['40x40'], out
+    assert out['30x30'] == 'no error', out
+
+
+def test_opencv_refusal_becomes_a_frame_error() -> None:
+    code = ('import os\n'
+            "os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'] = '1000'\n"
+            'import cv2, numpy as np\n'
+            'from malmm_ros.errors import FrameError\n'
+            'from malmm_ros.ros.image_codec import decode_compressed\n'
+            "ok, png = cv2.imencode('.png', np.zeros((40, 40, 3), np.uint8))\n"
+            'try:\n'
+            "    decode_compressed('png', png.tobytes())\n"
+            'except FrameError as exc:\n'
+            '    print(exc)\n')
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r'cannot decode png image of \d+ bytes: .*pixels <= '
+                        r'CV_IO_MAX_IMAGE_PIXELS.*\n', result.stdout), result.stdout
 
 
 # -- encode --------------------------------------------------------------------------------

@@ -15,7 +15,13 @@ import cv2
 import numpy as np
 import pytest
 from node_helpers.frames import photo
-from node_helpers.ros_driver import NodeSession, compressed_image, raw_image, running_session
+from node_helpers.ros_driver import (
+    WAIT_S,
+    NodeSession,
+    compressed_image,
+    raw_image,
+    running_session,
+)
 
 DOMAIN_ID = 227  # the compressed node
 RAW_DOMAIN_ID = 228  # the raw node
@@ -79,7 +85,7 @@ def test_diagnostics_never_report_more_memory_slots_than_m(raw: NodeSession) -> 
     rgb = photo(HEIGHT, WIDTH, 0).tobytes()
     raw.predict(lambda s: raw_image('rgb8', WIDTH, HEIGHT, WIDTH * 3, rgb, s))
     start_ns = time.time_ns()
-    deadline = time.monotonic() + 40.0
+    deadline = time.monotonic() + WAIT_S
     statuses: list[dict] = []
     # Frames faster than the node steps (the worker is never idle) until 12 statuses are in.
     while len(statuses) < 12 and time.monotonic() < deadline:

@@ -1,10 +1,11 @@
 """Text descriptions in the running node, over real DDS: /malmm/description, its counts in
-/diagnostics, run-time text parameters, and /malmm/actions keeping its rate while a slow LLM
-writes.
+/diagnostics, run-time text parameters, and /malmm/actions going on while a slow LLM writes.
 
 The LLMs are tiny random Llamas written here (malmm_ros.model.tiny_llm) and loaded by the node
 through text.model_path like any local model folder. The slow one is wide, deep and never
-picks end-of-text, so each description really takes seconds of compute.
+picks end-of-text, so each description really takes seconds of compute. Assertions are on
+events and counts; the rate of /malmm/actions while an LLM writes is measured by
+bench/node_bench.py --llm.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from node_helpers.frames import photo
 from node_helpers.ros_driver import (
     RELIABLE,
-    CameraStream,
+    WAIT_S,
     NodeSession,
     raw_image,
     running_session,
@@ -39,8 +41,7 @@ DOMAIN_ID = 212  # the node with a quick LLM
 SLOW_DOMAIN_ID = 213  # the node with a slow LLM
 MAX_NEW_TOKENS = 8
 SLOW_TOKENS = 300
-CAMERA_HZ = 8.0
-STREAM_S = 12.0
+MIN_WHILE_BUSY = 3  # predictions made while one description was being written, at least
 KEYS = {'schema', 'stamp', 'frame_id', 'text', 'num_tokens', 'latency_ms', 'model', 'trained'}
 
 
@@ -160,15 +161,16 @@ def test_text_can_be_switched_off_and_on(session: NodeSession, descriptions) -> 
     [result] = session.set_parameters(text__enabled=False)
     assert result.successful, result.reason
     try:
-        stamp, _ = session.predict(lambda s: _frame(s, 4))
-        time.sleep(1.0)  # a description would take milliseconds
-        assert _description_for(descriptions, stamp) is None
+        off_stamp, _ = session.predict(lambda s: _frame(s, 4))
         session.fresh_diagnostics()
         assert 'text_requested' not in session.latest_diagnostics()['values']
     finally:
         [result] = session.set_parameters(text__enabled=True)
     assert result.successful, result.reason
     _describe(session, descriptions, 5)
+    # Descriptions come out in the order of their frames (one describer thread, one reliable
+    # topic), so one for the frame sent while text was off would have come before this one.
+    assert _description_for(descriptions, off_stamp) is None
 
 
 # -- a slow LLM -------------------------------------------------------------------------------
@@ -196,59 +198,68 @@ def slow_session(tmp_path_factory: pytest.TempPathFactory, slow_llm: Path,
                                log_dir=tmp_path_factory.mktemp('slow_text_node'))
 
 
-def test_actions_keep_their_rate_while_a_slow_llm_writes(slow_session: NodeSession,
-                                                         tmp_path: Path) -> None:
+def _describer_idle(session: NodeSession) -> dict[str, Any]:
+    """A status published after this call in which every prediction so far has asked for its
+    description (text.every_n_predictions 1) and the describer is done with them."""
+    now_ns = time.time_ns()
+
+    def idle(status: dict) -> bool:
+        values = status['values']
+        return (values['text_busy'] == 'False'
+                and int(values['text_requested']) == int(values['predictions']))
+    return session.wait_diagnostics(idle, 'the describer to be idle', newer_than_ns=now_ns)
+
+
+def test_predictions_go_on_while_a_slow_llm_writes(slow_session: NodeSession) -> None:
+    """Frames one at a time, each sent once the previous one's prediction is in: while the LLM
+    writes the first frame's description, the next frames still get their predictions, and
+    their description requests are dropped and counted (the describer is busy), not queued.
+    Run inline or from a queue, every prediction would be described and none dropped."""
     session = slow_session
     descriptions = _subscribe_descriptions(session)
-    _, arrivals = session.driver.subscribe(  # (receive time, frame_id) of each prediction
-        String, '/malmm/actions', RELIABLE,
-        convert=lambda m: (time.monotonic(), json.loads(m.data)['frame_id']))
+    session.wait_until(lambda: session.driver.node.count_publishers('/malmm/description') >= 1,
+                       'the node to publish /malmm/description')
     session.predict(lambda stamp: _frame(stamp, 0, 'warmup'), 'a first prediction')
-    before = _text_values(session.fresh_diagnostics())
-    with CameraStream(SLOW_DOMAIN_ID, log_dir=tmp_path, width=320, height=240, rate=CAMERA_HZ,
-                      seconds=STREAM_S, start_ns=session.clock.next(),
-                      frame_id='steady_cam') as camera:
-        camera.proc.wait(timeout=STREAM_S + 60)  # it stops by itself after STREAM_S
-        result = camera.stop()
-    session.clock.last_ns = max(session.clock.last_ns, result['last_stamp_ns'] or 0)
-    time.sleep(1.0)
-    status = session.wait_diagnostics(lambda d: True, 'diagnostics after the stream',
-                                      newer_than_ns=time.time_ns())
-    sent = result['sent']
-    actions = [p for p in session.actions.items() if p['frame_id'] == 'steady_cam']
-    described = [d for d in descriptions.items() if d['frame_id'] == 'steady_cam']
+    before = _text_values(_describer_idle(session))
+    deadline = time.monotonic() + 3 * WAIT_S  # bounds the wait for the events below
+
+    def steady(kind: list[dict]) -> list[dict]:
+        return [item for item in kind if item['frame_id'] == 'steady_cam']
+
+    # Until the first description of these frames is out, with predictions made meanwhile.
+    while not steady(descriptions.items()) or len(steady(session.actions.items())) < (
+            MIN_WHILE_BUSY + 1):
+        assert time.monotonic() < deadline, (
+            f'{len(steady(session.actions.items()))} predictions, '
+            f'{len(steady(descriptions.items()))} descriptions after {3 * WAIT_S} s')
+        count = len(steady(session.actions.items()))
+        session.predict(lambda stamp, i=count: _frame(stamp, i, 'steady_cam'))
+    status = _describer_idle(session)
+    actions = steady(session.actions.items())
+    described = steady(descriptions.items())
     after = _text_values(status)
-    latency_ms = float(status['values']['text_latency_p50_ms'])
-    times = [t for t, frame_id in arrivals.items() if frame_id == 'steady_cam']
-    summary = (f'sent {sent}, predictions {len(actions)}, descriptions {len(described)}, '
-               f'text latency p50 {latency_ms:.0f} ms, counts {after}')
-    assert sent >= CAMERA_HZ * STREAM_S * 0.8, summary  # the camera itself kept its rate
-    # Each description took many frame periods: inline generation would have cut the rate.
-    assert latency_ms > 5 * 1000.0 / CAMERA_HZ, summary
-    # Yet nearly every frame got its prediction, and they kept coming at the camera's rate:
-    # no gap of more than a few frame periods while the LLM wrote.
-    assert len(actions) >= 0.9 * sent, summary
-    rate = (len(times) - 1) / (times[-1] - times[0])
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    assert rate >= 0.85 * CAMERA_HZ, f'{rate:.2f} Hz; {summary}'
-    assert max(gaps) < 4.0 / CAMERA_HZ, f'longest gap {max(gaps):.2f} s; {summary}'
-    # Requests that came while the LLM was busy were dropped and counted, not queued.
-    assert after['text_dropped_busy'] - before['text_dropped_busy'] >= 0.5 * sent
-    assert after['text_failed'] == 0
-    assert described, 'no description of the stream was published'
+    delta = {key: after[key] - before[key] for key in after}
+    summary = f'predictions {len(actions)}, descriptions {len(described)}, counts {delta}'
+    # Each prediction asked for a description; the describer wrote some and dropped the rest.
+    assert delta['text_requested'] == len(actions), summary
+    assert delta['text_published'] == len(described), summary
+    assert delta['text_dropped_busy'] == len(actions) - len(described), summary
+    assert delta['text_failed'] == 0, summary
+    # The first of them was described; at least MIN_WHILE_BUSY predictions came meanwhile.
+    assert described[0]['stamp'] == actions[0]['stamp'], summary
+    assert delta['text_dropped_busy'] >= MIN_WHILE_BUSY, summary
     assert all(d['num_tokens'] == SLOW_TOKENS and d['trained'] is True for d in described)
     for description in described:  # each describes a frame that got a prediction
         assert session.prediction_for(stamp_ns_of(description['stamp'])) is not None
 
 
-def test_sigint_during_a_slow_description_exits_at_once(slow_session: NodeSession) -> None:
+def test_sigint_during_a_slow_description_exits_cleanly(slow_session: NodeSession) -> None:
+    """SIGINT while the describer is busy: exit status 0 and no traceback (how soon it exits
+    is not asserted: a loaded machine decides that)."""
     session = slow_session
     session.predict(lambda stamp: _frame(stamp, 1, 'last'), 'a prediction to describe')
     session.wait_until(lambda: session.latest_diagnostics()['values'].get('text_busy') == 'True',
-                       'the describer to be busy', timeout=30)
-    start = time.monotonic()
-    code = session.process.stop(signal.SIGINT, timeout=30)
-    elapsed = time.monotonic() - start
+                       'the describer to be busy')
+    code = session.process.stop(signal.SIGINT)
     assert code == 0, session.process.describe()
-    assert elapsed < 10.0
     assert 'Traceback' not in session.process.stderr()

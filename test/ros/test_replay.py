@@ -26,7 +26,8 @@ from malmm_ros.data.sample_stream import panning_frames
 REPLAY = Path(sys.executable).with_name('malmm-replay')
 COLLECT = Path(__file__).resolve().parent / 'helpers' / 'collect.py'
 START_NS = 1_700_000_000_250_000_000
-WAIT_S = 40  # generous upper bound for any process; none should get near it
+COLLECT_S = 60.0  # how long the subscriber waits for its messages: generous, a hang guard
+WAIT_S = 2 * COLLECT_S  # for any process to end (the subscriber's start-up and wait included)
 
 _DOMAIN_BASE = 150  # this file's ids: 150..199, distinct per test and per xdist worker
 _counter = itertools.count()
@@ -104,7 +105,8 @@ def _unique_topic(tag: str) -> str:
 
 
 def _collect(procs: _Procs, topic: str, count: int, out: Path, *, compressed: bool = False,
-             best_effort: bool = False, timeout: float = 25.0) -> subprocess.Popen[bytes]:
+             best_effort: bool = False, timeout: float = COLLECT_S
+             ) -> subprocess.Popen[bytes]:
     argv = [sys.executable, str(COLLECT), '--topic', topic, '--count', str(count),
             '--out', str(out), '--timeout', str(timeout),
             '--type', 'compressed' if compressed else 'raw']

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from malmm_ros.errors import CheckpointError, ConfigError
-from malmm_ros.runtime.engine_cache import EngineCache, EngineKey, onnx_sha256
+from malmm_ros.runtime.engine_cache import EngineCache, EngineKey, ensure_cache_dir, onnx_sha256
 
 MAGIC = b'TEST-ENGINE\x00'  # what the test "runtime" accepts as a serialized engine
 SHA = '3fa2c0d9e1b7' + '0' * 52
@@ -170,6 +171,51 @@ def test_onnx_sha256_of_a_missing_file_names_it(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# ensure_cache_dir
+# --------------------------------------------------------------------------------------------
+
+
+def test_ensure_cache_dir_creates_it_and_returns_it_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = ensure_cache_dir(Path('a') / 'b' / 'engines')
+    assert folder.is_absolute() and folder.is_dir()
+    assert folder == tmp_path.resolve() / 'a' / 'b' / 'engines'
+    (folder / 'kept.engine').write_bytes(b'x')
+    assert ensure_cache_dir(str(folder)) == folder  # an existing folder is left as it is
+    assert (folder / 'kept.engine').read_bytes() == b'x'
+
+
+@pytest.mark.parametrize(('relative', 'action', 'reason'), [
+    ('blocker/engines', 'create', 'Not a directory'),
+    ('blocker', 'use', 'it exists and is not a folder'),
+])
+def test_ensure_cache_dir_names_the_folder_and_the_reason(
+    tmp_path: Path, relative: str, action: str, reason: str
+) -> None:
+    (tmp_path / 'blocker').write_text('a file')
+    folder = tmp_path / relative
+    with pytest.raises(ConfigError) as info:
+        ensure_cache_dir(folder)
+    assert str(info.value) == (
+        f'engine_dir {folder}: cannot {action} the encoder cache ({reason}); set engine_dir or '
+        '$MALMM_ENGINE_DIR to a writable folder'
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root ignores folder permissions')
+def test_ensure_cache_dir_refuses_a_folder_it_cannot_read(tmp_path: Path) -> None:
+    folder = tmp_path / 'locked'
+    folder.mkdir(mode=0o000)
+    try:
+        with pytest.raises(ConfigError, match=re.escape(f'{folder}: cannot read')):
+            ensure_cache_dir(folder)
+    finally:
+        folder.chmod(0o700)
+
+
+# --------------------------------------------------------------------------------------------
 # lookup / store
 # --------------------------------------------------------------------------------------------
 
@@ -268,6 +314,17 @@ def test_store_leaves_no_temp_files(key: EngineKey, tmp_path: Path) -> None:
     assert _files(tmp_path) == {engine.name, sidecar.name}
     assert engine.read_bytes() == MAGIC + b'v2'
     assert cache.lookup(key) == engine
+
+
+def test_stored_files_get_the_umask_permissions(key: EngineKey, tmp_path: Path) -> None:
+    """Readable by the other users of a shared cache, as any file the user writes."""
+    old_umask = os.umask(0o022)
+    try:
+        engine = EngineCache(tmp_path).store(key, MAGIC + b'v1')
+    finally:
+        os.umask(old_umask)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o644}
+    assert engine.exists()
 
 
 def test_failed_store_leaves_no_temp_file_and_no_sidecar(key: EngineKey, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from malmm_ros.errors import CheckpointError, ConfigError, FrameError
-from malmm_ros.runtime import tensorrt_encoder
+from malmm_ros.runtime import create_encoder, tensorrt_encoder
 from malmm_ros.runtime.engine_cache import EngineCache
 from malmm_ros.runtime.tensorrt_encoder import (
     INSTALL_HINT,
@@ -161,6 +161,32 @@ def test_unknown_precision_is_a_config_error(
         build_engine(onnx_placeholder, precision='bf16')
     with pytest.raises(ConfigError, match='bf16'):
         TensorRTEncoder(onnx_placeholder, cache_dir=tmp_path, precision='bf16')
+
+
+def test_unusable_cache_dir_is_a_config_error_before_any_build(
+    monkeypatch: pytest.MonkeyPatch, onnx_placeholder: Path, tmp_path: Path
+) -> None:
+    """Checked before the key, the runtime and a minutes-long build (the stand-in has none)."""
+    _stand_in_machine(monkeypatch)
+    blocker = tmp_path / 'blocker'
+    blocker.write_text('a file where the cache folder should be')
+    with pytest.raises(ConfigError, match=re.escape(f'engine_dir {blocker / "engines"}: ')):
+        TensorRTEncoder(onnx_placeholder, cache_dir=blocker / 'engines')
+    with pytest.raises(ConfigError, match=re.escape(f'engine_dir {blocker}: ')):
+        TensorRTEncoder(onnx_placeholder, cache_dir=blocker)
+
+
+def test_create_encoder_tensorrt_exports_onnx_into_engine_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """engine_dir reaches the ONNX export too, not only the engine cache."""
+    _stand_in_machine(monkeypatch)
+    monkeypatch.setenv('MALMM_ENGINE_DIR', str(tmp_path / 'default_cache'))
+    blocker = tmp_path / 'blocker'
+    blocker.write_text('a file where the cache folder should be')
+    with pytest.raises(ConfigError, match=re.escape(f'engine_dir {blocker / "engines"}: ')):
+        create_encoder('tensorrt', engine_dir=blocker / 'engines')
+    assert not (tmp_path / 'default_cache').exists()
 
 
 def test_int8_without_calibration_frames_is_a_config_error(

@@ -140,7 +140,7 @@ class NodeProcess:
             raise AssertionError(f'node did not exit within {timeout} s: {self.describe()}'
                                  ) from None
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = WAIT_S) -> int:
         """Send `sig` and return the exit status (kill and fail if it does not end)."""
         if self.alive:
             self.proc.send_signal(sig)
@@ -189,7 +189,7 @@ class CameraStream:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
-            out, _ = self.proc.communicate(timeout=30)
+            out, _ = self.proc.communicate(timeout=WAIT_S)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate(timeout=15)
@@ -383,11 +383,13 @@ class NodeSession:
 
     The driver subscribes to malmm/actions (JSON-decoded) and /diagnostics (the node's status as
     a dict) from the start and publishes camera frames on /camera/image_raw (raw) or
-    /camera/image_raw/compressed (compressed).
+    /camera/image_raw/compressed (compressed), reliably, keeping the last `publisher_depth`
+    frames for resending (a burst longer than that may lose its oldest frames).
     """
 
     def __init__(self, domain_id: int, params: Sequence[str], *, log_dir: Path,
-                 compressed: bool = False, name: str = 'node') -> None:
+                 compressed: bool = False, name: str = 'node', publisher_depth: int = 10
+                 ) -> None:
         self.domain_id = domain_id
         self.compressed = compressed
         params = list(params)
@@ -407,9 +409,9 @@ class NodeSession:
             DiagnosticArray, '/diagnostics', RELIABLE, convert=node_diagnostics)
         if compressed:
             self.image_pub = node.create_publisher(CompressedImage, f'{CAMERA_TOPIC}/compressed',
-                                                   10)
+                                                   publisher_depth)
         else:
-            self.image_pub = node.create_publisher(Image, CAMERA_TOPIC, 10)
+            self.image_pub = node.create_publisher(Image, CAMERA_TOPIC, publisher_depth)
 
     def close(self) -> None:
         try:
@@ -472,10 +474,15 @@ class NodeSession:
         return None
 
     def predict(self, build: Callable[[int], Any], what: str = 'a prediction', *,
-                timeout: float = WAIT_S, stamps: Callable[[], int] | None = None
-                ) -> tuple[int, dict[str, Any]]:
-        """Send a frame (again if lost) until its prediction comes back: (stamp, prediction)."""
-        return self.roundtrip(build, self.prediction_for, what, timeout=timeout, stamps=stamps)
+                timeout: float = WAIT_S, resend_s: float = 10.0,
+                stamps: Callable[[], int] | None = None) -> tuple[int, dict[str, Any]]:
+        """Send a frame (again if lost) until its prediction comes back: (stamp, prediction).
+
+        `resend_s` >= `timeout` sends exactly one frame (for a reliable camera subscription,
+        where a frame is never lost and a resend would put a second one in flight).
+        """
+        return self.roundtrip(build, self.prediction_for, what, timeout=timeout,
+                              resend_s=resend_s, stamps=stamps)
 
     # -- diagnostics --
 
@@ -521,9 +528,11 @@ class NodeSession:
 
 
 def running_session(domain_id: int, params: Sequence[str], *, log_dir: Path,
-                    compressed: bool = False) -> Iterator[NodeSession]:
+                    compressed: bool = False, publisher_depth: int = 10
+                    ) -> Iterator[NodeSession]:
     """A ready NodeSession for a pytest fixture (`yield from`), closed whatever happens."""
-    session = NodeSession(domain_id, params, log_dir=log_dir, compressed=compressed)
+    session = NodeSession(domain_id, params, log_dir=log_dir, compressed=compressed,
+                          publisher_depth=publisher_depth)
     try:
         session.wait_ready()
         yield session
