@@ -56,7 +56,8 @@ def _frame(stamp: Time) -> Image:
 
 @pytest.fixture(scope='module')
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeSession]:
-    params = [f'sample_fps:={SAMPLE_FPS}', 'memory_bank_length:=4', 'max_gap_s:=0.0']
+    params = [f'sample_fps:={SAMPLE_FPS}', 'memory_bank_length:=4', 'max_gap_s:=0.0',
+              'backend:=auto']
     yield from running_session(DOMAIN_ID, params, log_dir=tmp_path_factory.mktemp('stamps'))
 
 
@@ -69,6 +70,12 @@ def _counts(session: NodeSession) -> dict[str, int]:
 def test_start_log_names_topic_transport_and_qos(session: NodeSession) -> None:
     assert f'listening on {CAMERA_TOPIC} (sensor_msgs/Image, best_effort, depth 1)' in \
         session.process.stderr()
+
+
+def test_backend_auto_logs_what_it_chose_and_why(session: NodeSession) -> None:
+    stderr = session.process.stderr()
+    assert 'encoder backend auto -> onnxruntime (no TensorRT' in stderr
+    assert '[malmm_anticipate]' in stderr.split('encoder backend auto')[0].splitlines()[-1]
 
 
 # -- stamps that are not a clock -----------------------------------------------------------

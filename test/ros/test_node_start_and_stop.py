@@ -136,16 +136,21 @@ def test_ctrl_c_during_start_up_exits_0_without_traceback(tmp_path: Path, delay_
 
 
 def test_non_finite_outputs_are_never_published(tmp_path: Path) -> None:
-    """Finite weights so large that the heads overflow: every prediction is withheld."""
-    model = untrained_model(load_config(CONFIG))
+    """Finite weights so large that the heads overflow: every prediction is withheld.
+
+    The checkpoint was 'trained' with the node's own sample_fps and M, so no protocol warning
+    may appear (the node used to build its pipeline with sample_fps 0 and warn every time).
+    """
+    config = load_config(CONFIG)
+    model = untrained_model(config)
     with torch.no_grad():
         model.heads.verb.weight.fill_(3e38)
-    checkpoint = save_checkpoint(tmp_path / 'overflow.safetensors', model)
-    session = NodeSession(NAN_DOMAIN_ID, ['sample_fps:=0.0', f'checkpoint:={checkpoint}'],
-                          log_dir=tmp_path)
+    checkpoint = save_checkpoint(tmp_path / 'overflow.safetensors', model, training={
+        'sample_fps': config.sample_fps, 'memory_bank_length': config.memory_bank_length})
+    session = NodeSession(NAN_DOMAIN_ID, [f'checkpoint:={checkpoint}'], log_dir=tmp_path)
     try:
         session.wait_ready()
-        clock = StampClock()
+        clock = StampClock(step_ns=1_000_000_000)  # one frame per sampling period
         pixels = photo(48, 64, 0).tobytes()
         for _ in range(3):
             session.publish(raw_image('rgb8', 64, 48, 64 * 3, pixels, clock.next()))
@@ -156,6 +161,7 @@ def test_non_finite_outputs_are_never_published(tmp_path: Path) -> None:
         wait_until(lambda: 'non-finite scores' in session.process.stderr(), 'the ERROR line',
                    process=session.process)
         assert len(session.actions) == 0
+        assert 'was trained with' not in session.process.stderr()
     finally:
         session.close()
 
