@@ -11,7 +11,7 @@ export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds.xml
 EPIC_ANNOTATIONS ?= ../shared/epic100
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q -rs test
+
+# The unit lane: lint and the tests not marked slow or dds (pytest.ini), on two workers:
+# under a minute on 2 cores. `make test` (what CI runs) stays one process, every test.
+test-fast: lint
+	$(PY) -m pytest -q -rs -n 2 -m 'not slow and not dds' test
 
 bench: $(STAMP)
 	$(PY) bench/stream_bench.py

@@ -13,30 +13,21 @@ Prints markdown tables (docs/PERFORMANCE.md keeps them with the machine they ran
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import machine, table, targets
 from tqdm import tqdm
 
 from malmm_ros.config import AnticipateConfig, model_preset
 from malmm_ros.data.sample_stream import panning_frames
 from malmm_ros.errors import MalmmError
-from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.imaging import resize_and_crop
 from malmm_ros.pipeline import AnticipationPipeline
 from malmm_ros.runtime import create_encoder
-
-
-def _cpu_model() -> str:
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-        if line.startswith('model name'):
-            return line.split(':', 1)[1].strip()
-    return platform.processor() or 'unknown'
 
 
 def _candidates() -> list[tuple[str, str, dict]]:
@@ -94,7 +85,7 @@ def _time_encoders(frames: np.ndarray, count: int) -> list[tuple[str, float, flo
     return rows
 
 
-def _time_pipelines(images: list[np.ndarray], steps: int) -> list[tuple[str, dict]]:
+def _time_pipelines(images: list[np.ndarray], steps: int) -> dict[str, dict[str, float]]:
     """Median latency parts of the pipeline step (bank full) for each CPU backend, thread count
     and model preset; the rows run interleaved, step by step, so noise hits them alike."""
     setups = []
@@ -118,8 +109,27 @@ def _time_pipelines(images: list[np.ndarray], steps: int) -> list[tuple[str, dic
             if i >= warm and prediction is not None:
                 for key in parts:
                     parts[key].append(prediction.latency_ms[key])
-    return [(label, {k: statistics.median(v) for k, v in parts.items()})
-            for label, _threads, _pipeline, parts in pipelines]
+    return {label: {k: statistics.median(v) for k, v in parts.items()}
+            for label, _threads, _pipeline, parts in pipelines}
+
+
+def _targets(medians: dict[str, float], parts: dict[str, dict[str, float]]
+             ) -> list[tuple[str, str, bool]]:
+    rows = []
+    for threads in (1, 2):
+        speedup = (medians[f'torch cpu fp32, {threads} thread(s)']
+                   / medians[f'onnxruntime cpu, {threads} thread(s)'])
+        rows.append((f'ONNX Runtime >= 2x faster than torch eager, {threads} thread(s)',
+                     f'{speedup:.2f}x', speedup >= 2))
+    best = min(medians['onnxruntime cpu, 2 thread(s)'],
+               medians['onnxruntime cpu, 2 thread(s), spinning'])
+    rows.append(('ONNX Runtime <= 6 ms, 2 threads, best setting', f'{best:.2f} ms', best <= 6))
+    for label, p in parts.items():
+        if label.startswith('edge, onnxruntime'):
+            ratio = p['total'] / p['encoder']
+            rows.append((f'step <= 1.5x the encoder alone ({label})', f'{ratio:.2f}x',
+                         ratio <= 1.5))
+    return rows
 
 
 def main() -> int:
@@ -130,36 +140,21 @@ def main() -> int:
     images = [image for image, _ in panning_frames(8, 4, size=(480, 640))]
     frames = np.stack([resize_and_crop(image) for image in images])
 
-    print(f'Machine: {_cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; '
-          f'python {sys.version.split()[0]}\n')
+    print(machine() + '\n')
     print('## Encoder alone (batch 1, 224x224, after warm-up)\n')
-    print('| backend | median ms | p95 ms | runner |')
-    print('|---|---|---|---|')
     rows = _time_encoders(frames, args.frames)
-    for label, median, p95, name in rows:
-        print(f'| {label} | {median:.2f} | {p95:.2f} | {name} |')
-    medians = {label: median for label, median, _, _ in rows}
-    for threads in (1, 2):
-        ort = medians[f'onnxruntime cpu, {threads} thread(s)']
-        eager = medians[f'torch cpu fp32, {threads} thread(s)']
-        print(f'ONNX Runtime vs torch eager, {threads} thread(s): {eager / ort:.2f}x faster '
-              f'(target >= 2x: {"met" if eager / ort >= 2 else "NOT met"})')
-    ort2 = min(medians['onnxruntime cpu, 2 thread(s)'],
-               medians['onnxruntime cpu, 2 thread(s), spinning'])
-    print(f'ONNX Runtime, 2 threads, best setting: {ort2:.2f} ms (target <= 6 ms: '
-          f'{"met" if ort2 <= 6 else "NOT met"})\n')
-
-    print('## Pipeline step (M = 20, bank full), medians in ms\n')
-    print('| preset, backend, threads | encoder | memory + Q-Former | heads | total | '
-          'total / encoder |')
-    print('|---|---|---|---|---|---|')
-    for label, parts in _time_pipelines(images, args.steps):
-        print(f'| {label} | {parts["encoder"]:.2f} | {parts["memory"]:.2f} | '
-              f'{parts["heads"]:.2f} | {parts["total"]:.2f} | '
-              f'{parts["total"] / parts["encoder"]:.2f} |')
-    print('\nTarget: edge step with the onnxruntime encoder <= 1.5x the encoder alone '
-          '(the encoder column includes resize and crop; 1 thread is the default on 2 cores, '
-          'num_threads 0 = all cores but one).')
+    print(table(['backend', 'median ms', 'p95 ms', 'runner'],
+                [[label, f'{median:.2f}', f'{p95:.2f}', name]
+                 for label, median, p95, name in rows]))
+    print('\n## Pipeline step (M = 20, bank full), medians in ms\n')
+    parts = _time_pipelines(images, args.steps)
+    print(table(['preset, backend, threads', 'encoder', 'memory + Q-Former', 'heads', 'total',
+                 'total / encoder'],
+                [[label, *(f'{p[key]:.2f}' for key in ('encoder', 'memory', 'heads', 'total')),
+                  f'{p["total"] / p["encoder"]:.2f}'] for label, p in parts.items()]))
+    print('\nThe encoder column includes resize and crop; 1 thread is the default on 2 cores '
+          '(num_threads 0 = all cores but one).\n')
+    print(targets(_targets({label: median for label, median, _, _ in rows}, parts)))
     return 0
 
 

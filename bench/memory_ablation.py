@@ -8,8 +8,8 @@ alike, as in video). One short shot shows one of four cue photos; at least 4 x M
 frames of distractor shots follow it. The label to anticipate is the cue's class, so only a
 memory that keeps the cue can beat chance (25 %).
 
-Every variant is trained with the real training loop (malmm_ros.training.loop.train) with the
-same budget, then scored on streams built from unseen shots:
+Every variant is trained with the real training loop (malmm_ros.training.anticipation.train)
+with the same budget, then scored on streams built from unseen shots:
   none      current frame only (no memory)
   fifo      M slots, the oldest dropped
   pool      one slot holding the running mean of all frames (average pooling; MBC with M = 1)
@@ -30,17 +30,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import table
 from skimage import data as skdata
 from tqdm import tqdm
 
 from malmm_ros.config import model_preset
-from malmm_ros.data.labels import LabelMaps
-from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.imaging import resize_and_crop
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.malmm import MalmmModel
+from malmm_ros.model.memory import MemorySpec
 from malmm_ros.runtime import create_encoder
+from malmm_ros.training.anticipation import train
 from malmm_ros.training.config import TrainConfig
-from malmm_ros.training.loop import predict_windows, train
-from malmm_ros.training.streaming import WindowModel
+from malmm_ros.training.streaming import WindowModel, predict_windows
 from malmm_ros.training.windows import WindowSource
 
 CUE_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket')
@@ -170,9 +172,9 @@ def run_variant(name: str, seed: int, train_set: PoolWindows, test_set: PoolWind
     model = MalmmModel(model_preset('edge', **ARCH), LabelMaps.placeholder(len(CUE_PHOTOS), 1))
     capacity = config.memory.capacity or args.memory
     train(config, model, train_set, capacity=capacity, progress=False, save=False)
-    runner = WindowModel(model, capacity, policy=config.memory.policy,
-                         query_memory=config.memory.query_memory,
-                         current_frame_only=config.memory.current_frame_only)
+    spec = MemorySpec(capacity, policy=config.memory.policy,
+                      query_memory=config.memory.query_memory)
+    runner = WindowModel(model, spec, current_frame_only=config.memory.current_frame_only)
     scores = predict_windows(runner, test_set, batch_size=32)['verb']
     return float((scores.argmax(1) == test_set.verbs).mean())
 
@@ -210,12 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f'\nstreams of {spec.length} frames, cue >= {spec.gap} frames (4 x M, M = '
           f'{args.memory}) before the end; {args.train_streams} train / {args.test_streams} '
           f'test streams; {args.epochs} epochs; chance 25 %; {minutes:.1f} min')
-    print('| variant | accuracy mean | std | per seed |')
-    print('|---|---|---|---|')
-    for variant, accs in results.items():
-        per_seed = ', '.join(f'{100 * a:.1f}' for a in accs)
-        print(f'| {variant} | {100 * np.mean(accs):.1f} % | {100 * np.std(accs):.1f} | '
-              f'{per_seed} |')
+    print(table(['variant', 'accuracy mean', 'std', 'per seed'],
+                [[variant, f'{100 * np.mean(accs):.1f} %', f'{100 * np.std(accs):.1f}',
+                  ', '.join(f'{100 * a:.1f}' for a in accs)]
+                 for variant, accs in results.items()]))
     summary = {'results': results, 'minutes': minutes, 'memory': args.memory,
                'stream_length': spec.length, 'gap': spec.gap, 'epochs': args.epochs}
     (args.out / 'ablation.json').write_text(json.dumps(summary, indent=2) + '\n')

@@ -19,52 +19,39 @@ frame periods) is read here:
     .venv/bin/python bench/node_bench.py --llm random --rate 8 --size 240x320 \
         --params sample_fps:=0.0
 
-Keep DDS on this machine: ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and a ROS_DOMAIN_ID of its own
-are set here if missing; the Fast DDS profile in config/ is used unless one is already set.
+Keep DDS on this machine: the node and this process run with ROS_AUTOMATIC_DISCOVERY_RANGE=
+LOCALHOST, ROS_DOMAIN_ID 61 unless one is set, and the package's Fast DDS profile unless one is
+set (malmm_ros.ros.node_harness starts, watches and stops the node).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from benchlib import machine, rss_mb, table, targets
+from sensor_msgs.msg import Image
+from tqdm import tqdm
+
+from malmm_ros.data.sample_stream import panning_frames
+from malmm_ros.errors import MalmmError
+from malmm_ros.ros.node_harness import (
+    NodeHarness,
+    NodeRecord,
+    local_ros_environment,
+    node_command,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-os.environ.setdefault('ROS_DOMAIN_ID', '61')
-os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(ROOT / 'config' / 'fastdds.xml'))
-
-import rclpy  # noqa: E402  (after the DDS environment above)
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from malmm_ros.data.sample_stream import panning_frames  # noqa: E402
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
-        if line.startswith('VmRSS:'):
-            return int(line.split()[1]) / 1024
-    return float('nan')
-
-
-def _cpu_model() -> str:
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-        if line.startswith('model name'):
-            return line.split(':', 1)[1].strip()
-    return platform.processor() or 'unknown'
+CAMERA_TOPIC = '/bench/image_raw'
+DEFAULT_DOMAIN_ID = '61'
+NODE_START_S = 120.0
 
 
 def _text_params(llm: str | None, tmp: Path) -> list[str]:
@@ -80,137 +67,103 @@ def _text_params(llm: str | None, tmp: Path) -> list[str]:
     return ['text.enabled:=true', f'text.model_path:={llm}', 'text.every_n_predictions:=1']
 
 
-def run(args: argparse.Namespace, params: list[str], height: int, width: int) -> int:
-    """Start the node with `params`, stream frames into it and print the tables."""
+@dataclass
+class Run:
+    """What one run measured."""
+
+    published: int  # frames
+    sent_s: dict[int, float]  # stamp ns -> monotonic publish time
+    rss_series: list[tuple[float, float]]  # (stream seconds, node RSS MB) every 5 s
+    rss_start: float  # after the warm-up
+    rss_end: float
+
+
+def stream(harness: NodeHarness, args: argparse.Namespace, height: int, width: int) -> Run:
+    """Publish frames into the started node at the camera rate; read its RSS along the way."""
     # 30 distinct frames, cycled: building messages must not slow the publisher down.
-    frames = [img for img, _ in panning_frames(30 / args.rate, args.rate, size=(height, width))]
     messages = []
-    for img in frames:
+    for img, _ in panning_frames(30 / args.rate, args.rate, size=(height, width)):
         msg = Image(height=height, width=width, encoding='rgb8', is_bigendian=0,
                     step=width * 3, data=img.tobytes())
         msg.header.frame_id = 'bench_camera'
         messages.append(msg)
+    publisher = harness.node.create_publisher(Image, CAMERA_TOPIC, 10)
+    harness.wait_until(lambda: publisher.get_subscription_count() >= 1, NODE_START_S,
+                       f'the node subscribes to {CAMERA_TOPIC}')
+    time.sleep(1.0)
+    pid = harness.process.pid
+    rss_series = [(0.0, rss_mb(pid))]
+    rss_start = float('nan')
+    sent_s: dict[int, float] = {}
+    count = int((args.warmup + args.seconds) * args.rate)
+    start = time.monotonic()
+    for i in tqdm(range(count), desc='publishing', unit='frame'):
+        if i % int(5 * args.rate) == 0 and i:
+            rss_series.append((i / args.rate, rss_mb(pid)))
+        if i == int(args.warmup * args.rate):
+            rss_start = rss_mb(pid)
+        time.sleep(max(0.0, start + i / args.rate - time.monotonic()))
+        msg = messages[i % len(messages)]
+        stamp_ns = time.time_ns()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+        sent_s[stamp_ns] = time.monotonic()
+        publisher.publish(msg)
+    harness.settle()
+    return Run(count, sent_s, rss_series, rss_start, rss_mb(pid))
 
-    cmd = [str(Path(sys.executable).parent / 'malmm-anticipate'), '--ros-args',
-           '--params-file', str(ROOT / 'config' / 'anticipate.yaml'),
-           '-r', 'image:=/bench/image_raw']
-    for extra in params:
-        cmd += ['-p', extra]
-    node_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True)
-    rclpy.init()
-    node = rclpy.create_node('malmm_node_bench')
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    publisher = node.create_publisher(Image, '/bench/image_raw', 10)
-    published: dict[int, float] = {}
-    arrivals: list[float] = []  # receipt times of the predictions of frames sent here
-    end_to_end: list[float] = []
-    step_ms: list[float] = []
-    diagnostics: dict[str, str] = {}
 
-    def actions_callback(msg: String) -> None:
-        data = json.loads(msg.data)
-        stamp = data['stamp']['sec'] * 1_000_000_000 + data['stamp']['nanosec']
-        if stamp in published:
-            arrivals.append(time.perf_counter())
-            end_to_end.append((time.perf_counter() - published[stamp]) * 1e3)
-            step_ms.append(data['latency_ms']['total'])
-
-    def diagnostics_callback(msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            if status.name.startswith('malmm_anticipate'):
-                diagnostics.update({kv.key: kv.value for kv in status.values})
-
-    node.create_subscription(String, 'malmm/actions', actions_callback, 10)
-    node.create_subscription(DiagnosticArray, '/diagnostics', diagnostics_callback, 10)
-    try:
-        deadline = time.monotonic() + 120
-        while publisher.get_subscription_count() < 1:
-            executor.spin_once(timeout_sec=0.1)
-            if node_proc.poll() is not None or time.monotonic() > deadline:
-                print(f'ERROR: the node did not start: {node_proc.stderr.read()[-2000:]}')
-                return 1
-        time.sleep(1.0)
-        rss_series = [(0.0, _rss_mb(node_proc.pid))]
-        rss_start = float('nan')
-        period = 1.0 / args.rate
-        count = int((args.warmup + args.seconds) * args.rate)
-        start = time.perf_counter()
-        for i in tqdm(range(count), desc='publishing', unit='frame'):
-            if i % int(5 * args.rate) == 0 and i:
-                rss_series.append((i / args.rate, _rss_mb(node_proc.pid)))
-            if i == int(args.warmup * args.rate):
-                rss_start = _rss_mb(node_proc.pid)
-            due = start + i * period
-            while (left := due - time.perf_counter()) > 0:
-                executor.spin_once(timeout_sec=min(left, 0.005))
-            msg = messages[i % len(messages)]
-            stamp_ns = time.time_ns()
-            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-            published[stamp_ns] = time.perf_counter()
-            publisher.publish(msg)
-        settle = time.monotonic() + 3.0
-        while time.monotonic() < settle:
-            executor.spin_once(timeout_sec=0.05)
-        rss_end = _rss_mb(node_proc.pid)
-    finally:
-        if node_proc.poll() is None:
-            node_proc.send_signal(signal.SIGINT)
-            try:
-                node_proc.wait(15)
-            except subprocess.TimeoutExpired:
-                node_proc.kill()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-
-    e2e = np.array(end_to_end)
-    steps = np.array(step_ms)
+def report(run: Run, record: NodeRecord, args: argparse.Namespace, params: list[str],
+           height: int, width: int) -> None:
+    """The markdown tables and targets of one run; `record`: what the watcher saw."""
+    end_to_end = record.end_to_end_ms(run.sent_s)
+    known = ~np.isnan(end_to_end)  # predictions of frames sent here
+    e2e = end_to_end[known]
+    arrivals = np.asarray(record.received_s)[known]
+    steps = np.array([m['latency_ms']['total']
+                      for m, sent_here in zip(record.messages, known, strict=True) if sent_here])
+    diagnostics = record.diagnostics
     print(f'\n## Node benchmark ({args.warmup:.0f} s warm-up + {args.seconds:.0f} s of '
           f'{width}x{height} rgb8 at {args.rate:.0f} Hz)\n')
-    print(f'Machine: {_cpu_model()}, {os.cpu_count()} cores; node parameters: '
-          f'config/anticipate.yaml {" ".join(params)}\n')
-    print('| published | node frames in | sampled | processed | dropped | predictions |')
-    print('|---|---|---|---|---|---|')
-    print(f'| {count} | {diagnostics.get("frames_in", "?")} | '
-          f'{diagnostics.get("frames_sampled", "?")} | {diagnostics.get("processed", "?")} | '
-          f'{diagnostics.get("dropped", "?")} | {len(e2e)} |\n')
+    print(machine() + '\n')
+    print(f'Node parameters: config/anticipate.yaml {" ".join(params)}\n')
+    print(table(['published', 'node frames in', 'sampled', 'processed', 'dropped',
+                 'predictions'],
+                [[run.published, *(diagnostics.get(key, '?') for key in
+                                   ('frames_in', 'frames_sampled', 'processed', 'dropped')),
+                  len(e2e)]]) + '\n')
     if len(arrivals) > 1:
         rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
-        gap = max(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
-        print('| /malmm/actions Hz | of the camera rate | longest gap s | in frame periods |')
-        print('|---|---|---|---|')
-        print(f'| {rate:.2f} | {rate / args.rate:.0%} | {gap:.3f} | {gap * args.rate:.1f} |\n')
+        gap = float(np.max(np.diff(arrivals)))
+        print(table(['/malmm/actions Hz', 'of the camera rate', 'longest gap s',
+                     'in frame periods'],
+                    [[f'{rate:.2f}', f'{rate / args.rate:.0%}', f'{gap:.3f}',
+                      f'{gap * args.rate:.1f}']]) + '\n')
     if 'text_requested' in diagnostics:
-        print('| descriptions requested | published | dropped (describer busy) | failed | '
-              'text latency p50 ms |')
-        print('|---|---|---|---|---|')
-        print(f'| {diagnostics["text_requested"]} | {diagnostics.get("text_published", "?")} | '
-              f'{diagnostics.get("text_dropped_busy", "?")} | '
-              f'{diagnostics.get("text_failed", "?")} | '
-              f'{diagnostics.get("text_latency_p50_ms", "?")} |\n')
+        print(table(['descriptions requested', 'published', 'dropped (describer busy)',
+                     'failed', 'text latency p50 ms'],
+                    [[diagnostics['text_requested'], *(diagnostics.get(key, '?') for key in (
+                        'text_published', 'text_dropped_busy', 'text_failed',
+                        'text_latency_p50_ms'))]]) + '\n')
     if len(e2e):
-        print('| latency (ms) | p50 | p95 | p99 |')
-        print('|---|---|---|---|')
-        print('| end-to-end (publish -> /malmm/actions) | '
-              + ' | '.join(f'{np.percentile(e2e, q):.1f}' for q in (50, 95, 99)) + ' |')
-        print('| pipeline step (node-reported) | '
-              + ' | '.join(f'{np.percentile(steps, q):.1f}' for q in (50, 95, 99)) + ' |\n')
-    print(f'| node RSS before any frame MB | after {args.warmup:.0f} s warm-up (start) | end | '
-          'growth start -> end MB |')
-    print('|---|---|---|---|')
-    print(f'| {rss_series[0][1]:.1f} | {rss_start:.1f} | {rss_end:.1f} | '
-          f'{rss_end - rss_start:+.1f} |\n')
-    print('RSS every 5 s (s: MB): ' + ', '.join(f'{t:.0f}: {mb:.1f}' for t, mb in rss_series)
-          + '\n')
+        print(table(['latency (ms)', 'p50', 'p95', 'p99'],
+                    [['end-to-end (publish -> /malmm/actions)',
+                      *(f'{np.percentile(e2e, q):.1f}' for q in (50, 95, 99))],
+                     ['pipeline step (node-reported)',
+                      *(f'{np.percentile(steps, q):.1f}' for q in (50, 95, 99))]]) + '\n')
+    growth = run.rss_end - run.rss_start
+    print(table(['node RSS before any frame MB', f'after {args.warmup:.0f} s warm-up (start)',
+                 'end', 'growth start -> end MB'],
+                [[f'{run.rss_series[0][1]:.1f}', f'{run.rss_start:.1f}', f'{run.rss_end:.1f}',
+                  f'{growth:+.1f}']]) + '\n')
+    print('RSS every 5 s (s: MB): '
+          + ', '.join(f'{t:.0f}: {mb:.1f}' for t, mb in run.rss_series) + '\n')
+    rows = []
     if len(e2e):
         overhead = np.percentile(e2e, 50) - np.percentile(steps, 50)
-        print(f'Target end-to-end p50 <= step p50 + 5 ms: overhead {overhead:.1f} ms -> '
-              f'{"met" if overhead <= 5 else "NOT met"}')
-    print(f'Target RSS growth < 5 MB: {rss_end - rss_start:+.1f} MB -> '
-          f'{"met" if rss_end - rss_start < 5 else "NOT met"}')
-    return 0
+        rows.append(('end-to-end p50 <= step p50 + 5 ms', f'overhead {overhead:.1f} ms',
+                     overhead <= 5))
+    rows.append(('RSS growth after the warm-up < 5 MB', f'{growth:+.1f} MB', growth < 5))
+    print(targets(rows))
 
 
 def main() -> int:
@@ -227,9 +180,21 @@ def main() -> int:
                         "folder, or 'random' for the tests' slow random Llama")
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.split('x'))
+    domain_id = int(os.environ.get('ROS_DOMAIN_ID') or DEFAULT_DOMAIN_ID)
     with tempfile.TemporaryDirectory() as tmp:
         params = _text_params(args.llm, Path(tmp)) + args.params  # the user's -p come last
-        return run(args, params, height, width)
+        command = node_command(ROOT / 'config' / 'anticipate.yaml',
+                               remaps=[f'image:={CAMERA_TOPIC}'], params=params)
+        try:
+            with NodeHarness(command, log=Path(tmp) / 'node.log', watcher='malmm_node_bench',
+                             domain_id=domain_id,
+                             environment=local_ros_environment(domain_id)) as harness:
+                run = stream(harness, args, height, width)
+        except MalmmError as exc:
+            print(f'ERROR: {exc}')
+            return 1
+    report(run, harness.record, args, params, height, width)
+    return 0
 
 
 if __name__ == '__main__':

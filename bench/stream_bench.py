@@ -3,7 +3,7 @@
 What it measures (edge preset, memory capacity M = 10 and 20, CPU):
 
 - the image encoder: the real torch EfficientNet-Lite0 (pretrained weights), batch 1, after
-  warm-up, on ~100 camera-like frames (moving crops over scikit-image photos, resized with
+  warm-up, on ~100 camera-like frames (`panning_frames` over scikit-image photos, resized with
   `resize_and_crop`); its cost does not depend on the frame index, so its median is reused;
 - memory + Q-Former (`MalmmModel.step` under `torch.inference_mode`, untrained weights from a
   fixed seed) and the heads (`MalmmModel.classify` on the same step), driven with the encoder's
@@ -33,21 +33,21 @@ import argparse
 import copy
 import gc
 import math
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from benchlib import fmt, load_average, machine, rss_mb, table, targets
 from skimage import data as skdata
 from tqdm import tqdm
 
 from malmm_ros.config import model_preset
-from malmm_ros.data.labels import LabelMaps
-from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.data.sample_stream import panning_frames
+from malmm_ros.imaging import resize_and_crop
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.malmm import MalmmModel
-from malmm_ros.model.memory import StreamMemory
+from malmm_ros.model.memory import MemorySpec, StreamMemory
 from malmm_ros.runtime.torch_encoder import TorchEncoder
 
 SEED = 0
@@ -66,53 +66,8 @@ TARGET_BLIP2_SPEEDUP = 5.0
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def rss_mb() -> float:
-    """Resident set size of this process in MB (VmRSS), after a full garbage collection."""
-    gc.collect()
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) / 1024
-    return math.nan
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
-    try:
-        with open('/proc/cpuinfo') as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages (other processes competing for the cores)."""
-    try:
-        return ' '.join(f'{load:.2f}' for load in os.getloadavg())
-    except OSError:
-        return 'n/a'
-
-
 def ms(seconds: float) -> float:
     return seconds * 1e3
-
-
-def fmt(value: float, digits: int = 2) -> str:
-    return 'n/a' if value is None or not math.isfinite(value) else f'{value:.{digits}f}'
-
-
-def verdict(ok: bool) -> str:
-    return 'met' if ok else '**not met**'
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table."""
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-    lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
-    return '\n'.join(lines)
 
 
 def window_median(values: np.ndarray, end_frame: int) -> float:
@@ -121,33 +76,11 @@ def window_median(values: np.ndarray, end_frame: int) -> float:
     return float(np.median(values[start:end_frame]))
 
 
-def camera_frames(count: int) -> list[np.ndarray]:
-    """`count` 224x224x3 uint8 frames of a camera-like stream.
-
-    A 4:3 window pans and zooms slowly over each scikit-image photo in turn (a camera moving
-    over a scene, then a cut to the next), and every window goes through `resize_and_crop`.
-    """
-    photos = [getattr(skdata, name)() for name in PHOTOS]
-    per_photo = max(1, math.ceil(count / len(photos)))
-    frames = []
-    for index in range(count):
-        photo = photos[(index // per_photo) % len(photos)]
-        progress = (index % per_photo) / max(1, per_photo - 1)  # 0 -> 1 within one shot
-        height, width = photo.shape[:2]
-        zoom = 0.75 - 0.2 * progress  # window height as a fraction of the photo's
-        crop_h = int(height * zoom)
-        crop_w = min(width, int(crop_h * 4 / 3))
-        top = int((height - crop_h) * (0.2 + 0.6 * progress))
-        left = int((width - crop_w) * progress)
-        frames.append(resize_and_crop(photo[top:top + crop_h, left:left + crop_w]))
-    return frames
-
-
-def build_model(preset: str) -> MalmmModel:
+def build_model(preset: str, **options: int) -> MalmmModel:
     """An untrained MalmmModel of `preset`, weights from a fixed seed, in eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = MalmmModel(model_preset(preset), LabelMaps.placeholder())
+        model = MalmmModel(model_preset(preset), LabelMaps.placeholder(), **options)
     return model.eval()
 
 
@@ -178,7 +111,9 @@ def bench_encoder(frames: int, warmup: int) -> tuple[TorchEncoder, list[np.ndarr
     resize_and_crop is timed too, on full-size photo windows (information only: the pipeline
     reports it apart from the encoder).
     """
-    crops = camera_frames(frames)
+    # Each photo in turn, panned over for an equal share of the frames.
+    crops = [resize_and_crop(image) for image, _ in panning_frames(
+        frames, 1.0, scenes=PHOTOS, seconds_per_scene=math.ceil(frames / len(PHOTOS)))]
     photo = skdata.astronaut()
     crop_ms = []
     for _ in range(20):
@@ -268,7 +203,7 @@ def side_by_side(model: MalmmModel, tokens: list[torch.Tensor],
 def pipeline_order(model: MalmmModel, encoder: TorchEncoder, crops: list[np.ndarray],
                    capacity: int, steps: int) -> dict[str, np.ndarray]:
     """Encoder, step and heads per frame in the pipeline's order, after the bank is full."""
-    memory = model.new_memory(capacity)
+    memory = model.new_memory(MemorySpec(capacity))
     times: dict[str, list[float]] = {'encoder': [], 'memory': [], 'heads': [], 'total': []}
     with torch.inference_mode():
         for index in tqdm(range(capacity + 1 + steps), desc='pipeline order', unit='frame',
@@ -292,12 +227,9 @@ def bench_blip2(tokens: list[torch.Tensor], capacity: int, steps: int
     The tokens' count sets the frame size: 49 for our EfficientNet-Lite0, 257 for BLIP-2's
     own EVA-CLIP ViT-g frame.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = MalmmModel(model_preset('blip2'), LabelMaps.placeholder(),
-                           num_tokens=tokens[0].shape[1]).eval()
-    cached = model.new_memory(capacity)
-    recompute = model.new_memory(capacity, cache_projections=False)
+    model = build_model('blip2', num_tokens=tokens[0].shape[1])
+    cached = model.new_memory(MemorySpec(capacity))
+    recompute = model.new_memory(MemorySpec(capacity, cache_projections=False))
     with torch.inference_mode():
         for index in tqdm(range(capacity + 1), desc='blip2 fill', unit='step', mininterval=2):
             for memory in (cached, recompute):
@@ -309,7 +241,7 @@ def bench_blip2(tokens: list[torch.Tensor], capacity: int, steps: int
 def frame_bytes(model: MalmmModel, tokens: list[torch.Tensor]) -> float:
     """Bank bytes per frame kept without compression: a fresh bank filled to its first
     allocation (16 slots; it then doubles), divided by 16."""
-    memory = model.new_memory(None)
+    memory = model.new_memory(MemorySpec(None))
     with torch.inference_mode():
         for index in range(16):
             model.step(tokens[index % len(tokens)], float(index), memory)
@@ -333,7 +265,215 @@ def baseline_slope(result: StreamResult) -> tuple[float, float]:
     return slope, intercept
 
 
-# -- report ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """Stream lengths and the frames at which latency windows end and RSS is read."""
+
+    frames: int
+    baseline_frames: int
+    encoder_frames: int
+    blip2_steps: int
+    quick: bool
+    skip_blip2: bool
+
+    @property
+    def checkpoints(self) -> list[int]:
+        return sorted({c for c in CHECKPOINTS if c < self.frames} | {self.frames})
+
+    @property
+    def base_points(self) -> list[int]:
+        return sorted({c for c in CHECKPOINTS if c < self.baseline_frames}
+                      | {self.baseline_frames})
+
+    @property
+    def far(self) -> int:
+        """The frame the baseline is extrapolated to when it stops earlier."""
+        return max(CHECKPOINTS[-1], self.frames)
+
+
+@dataclass
+class Measurements:
+    encoder: EncoderResult
+    encoder_again_ms: np.ndarray  # a second encoder pass, after the memory rows
+    runs: list[StreamResult]  # the bounded-memory rows
+    baseline: StreamResult  # no compression
+    order: dict[str, np.ndarray]  # pipeline order, per part
+    bytes_per_frame: float  # of the baseline's bank
+    blip2: list[tuple[str, float, float]]  # (tokens per frame, cached ms, recompute ms)
+
+    @property
+    def encoder_median(self) -> float:
+        """The lower of the two passes' medians: a burst of load from other processes during
+        one pass shows up as a gap between them."""
+        return min(float(np.median(t)) for t in (self.encoder.encoder_ms, self.encoder_again_ms))
+
+
+# -- measurements, in the order they run ------------------------------------------------------
+
+
+def measure(plan: Plan) -> Measurements:
+    encoder, crops, enc = bench_encoder(plan.encoder_frames, warmup=10)
+    # Bounded-memory rows, then the baseline (it leaves the biggest heap behind).
+    edge = build_model('edge')
+    runs: list[StreamResult] = []
+    for name, capacity, cache in (('edge M=10 cached', 10, True),
+                                  ('edge M=20 cached', 20, True),
+                                  ('edge M=20 recompute', 20, False)):
+        memory = edge.new_memory(MemorySpec(capacity, cache_projections=cache))
+        runs.append(run_stream(name, edge, memory, enc.tokens, plan.frames, plan.checkpoints,
+                               snapshot_at=plan.checkpoints[0]))
+        del memory
+    order = pipeline_order(edge, encoder, crops, 20, steps=30 if plan.quick else 100)
+    base_memory = edge.new_memory(MemorySpec(None))
+    baseline = run_stream('edge no compression', edge, base_memory, enc.tokens,
+                          plan.baseline_frames, plan.base_points, snapshot_at=None)
+    del base_memory
+    bytes_per_frame = frame_bytes(edge, enc.tokens)
+    gc.collect()
+    _, encoder_again = time_encoder(encoder, crops, 'encoder again')
+    blip2 = []
+    if not plan.skip_blip2:
+        generator = torch.Generator().manual_seed(SEED)
+        eva_tokens = [torch.randn(1, 257, enc.tokens[0].shape[2], generator=generator)
+                      for _ in range(4)]
+        for label, frame_tokens in (('49 (EfficientNet-Lite0 frame)', enc.tokens),
+                                    ('257 (EVA-CLIP ViT-g frame, as in BLIP-2)', eva_tokens)):
+            cached_ms, recompute_ms = bench_blip2(frame_tokens, 20, plan.blip2_steps)
+            blip2.append((label, float(np.median(cached_ms)), float(np.median(recompute_ms))))
+    return Measurements(enc, encoder_again, runs, baseline, order, bytes_per_frame, blip2)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def report_encoder(m: Measurements) -> None:
+    passes = (m.encoder.encoder_ms, m.encoder_again_ms)
+    print('\n## Encoder (torch EfficientNet-Lite0, pretrained, fp32, batch 1)\n')
+    print(table(['pass', 'frames timed', 'median ms', 'p10 ms', 'p90 ms'],
+                [[label, len(times), fmt(float(np.median(times))),
+                  fmt(float(np.percentile(times, 10))), fmt(float(np.percentile(times, 90)))]
+                 for label, times in zip(('first (before the memory rows)',
+                                          'second (after the baseline)'), passes,
+                                         strict=True)]))
+    print(f'\nencoder ms below: {fmt(m.encoder_median)} (the lower of the two medians). '
+          f'resize_and_crop (before the encoder, not counted in its time): '
+          f'{fmt(float(np.median(m.encoder.crop_ms)))} ms on a 512x512 photo.')
+
+
+def report_latency(plan: Plan, m: Measurements) -> None:
+    first = plan.checkpoints[0]
+    enc_median = m.encoder_median
+    rows = []
+    for run in [*m.runs, m.baseline]:
+        reference = window_median(run.step_ms, first)
+        for point in (plan.base_points if run is m.baseline else plan.checkpoints):
+            step = window_median(run.step_ms, point)
+            heads = window_median(run.heads_ms, point)
+            total = enc_median + step + heads
+            low = float(np.percentile(run.step_ms[max(0, point - WINDOW):point], 10))
+            rows.append([run.name, f'{point:,}', fmt(enc_median), fmt(step), fmt(low),
+                         fmt(heads), fmt(total), fmt(total / enc_median),
+                         fmt(step / reference)])
+    slope, intercept = baseline_slope(m.baseline)
+    if plan.baseline_frames < plan.far:
+        projected = intercept + slope * plan.far
+        rows.append([m.baseline.name, f'{plan.far:,}', 'not run', f'not run (grows linearly: '
+                     f'+{fmt(slope * 1000)} ms per 1,000 frames, ~{fmt(projected, 0)} ms '
+                     f'extrapolated)', '', '', '', '', ''])
+        rows[-1][3] += ' (Theil-Sen fit over the p10 of each window)'
+    print('\n## Per-step latency (median of the 50 steps ending at each frame)\n')
+    print(table(['config', 'frame', 'encoder ms', 'memory + Q-Former ms', '(p10 ms)',
+                 'heads ms', 'total ms', 'total / encoder', f'memory step / at {first:,}'],
+                rows))
+    print('\nencoder ms is the encoder median above (its cost does not depend on the frame '
+          'index); memory + Q-Former is MalmmModel.step (adapter, banks, Q-Former), median and '
+          '10th percentile of the window (a median far above its p10 means the window ran '
+          'while other processes held the cores); heads is MalmmModel.classify on the same '
+          'step.')
+
+
+def report_memory(plan: Plan, m: Measurements) -> None:
+    columns = sorted(set(plan.checkpoints) | set(plan.base_points))
+    rows = []
+    for run in [*m.runs, m.baseline]:
+        points = sorted(run.rss_mb)
+        growth = run.rss_mb[points[-1]] - run.rss_mb[points[-2]] if len(points) > 1 else math.nan
+        cells = [fmt(run.rss_mb[c], 1) if c in run.rss_mb else 'not run' for c in columns]
+        rows.append([run.name, *cells, f'{fmt(growth, 1)} ({points[-2]:,} -> {points[-1]:,})'
+                     if len(points) > 1 else 'n/a', fmt(run.bank_mb[points[-1]], 2)])
+    print('\n## Memory (RSS of the whole process, after gc.collect())\n')
+    print(table(['config', *[f'RSS MB at {c:,}' for c in columns], 'RSS growth MB',
+                 'bank MB (last frame)'], rows))
+    if plan.baseline_frames < plan.far:
+        far = plan.far
+        slope, intercept = baseline_slope(m.baseline)
+        print(f'\n{m.baseline.name} at {far:,} frames: not run (grows linearly: '
+              f'{fmt(m.bytes_per_frame / 1024, 0)} kB of bank storage per frame kept, '
+              f'~{fmt(m.bytes_per_frame * far / 2**30, 1)} GB extrapolated, more as its storage '
+              f'doubles, and '
+              f'~{fmt(intercept + slope * far, 0)} ms per step). The baseline attends over every '
+              'frame it has seen, so both its step time and its memory grow with every frame.')
+    print('\nAll rows run in one process, one after the other, so absolute RSS includes what '
+          'earlier rows left behind; the growth within a row is what matters.')
+
+
+def report_side_by_side(plan: Plan, m: Measurements) -> None:
+    first, last = plan.checkpoints[0], plan.checkpoints[-1]
+    print(f'\n## Side by side (interleaved steps, {WINDOW} each)\n')
+    rows = []
+    for run in m.runs:
+        assert run.drift is not None
+        rows.append([run.name, fmt(run.drift[0]), fmt(run.drift[1]),
+                     fmt(run.drift[1] / run.drift[0], 3)])
+    print(table(['config', f'step ms at frame ~{first:,}', f'step ms at frame ~{last:,}',
+                 'ratio'], rows))
+    order_enc = float(np.median(m.order['encoder']))
+    order_total = float(np.median(m.order['total']))
+    print(f'\nPipeline order (edge M=20 cached, {len(m.order["total"])} frames after the bank '
+          'is full: encoder, step, heads per frame):\n')
+    print(table(['encoder ms', 'memory + Q-Former ms', 'heads ms', 'total ms',
+                 'total / encoder'],
+                [[fmt(order_enc), fmt(float(np.median(m.order['memory']))),
+                  fmt(float(np.median(m.order['heads']))), fmt(order_total),
+                  fmt(order_total / order_enc)]]))
+    if m.blip2:
+        print(f'\n## blip2 size, M = 20 ({plan.blip2_steps} interleaved steps each, frames '
+              f'22..{21 + plan.blip2_steps}, bank full)\n')
+        print(table(['tokens per frame', 'cached ms', 'recompute ms', 'speedup'],
+                    [[label, fmt(cached, 1), fmt(recompute, 1), fmt(recompute / cached)]
+                     for label, cached, recompute in m.blip2]))
+
+
+def report_targets(plan: Plan, m: Measurements) -> None:
+    checkpoints = plan.checkpoints
+    first, last = checkpoints[0], checkpoints[-1]
+    rss_from = checkpoints[-2] if len(checkpoints) > 1 else first
+    m20 = next(run for run in m.runs if run.name == 'edge M=20 cached')
+    window_total = (m.encoder_median + window_median(m20.step_ms, last)
+                    + window_median(m20.heads_ms, last))
+    order_ratio = float(np.median(m.order['total'])) / float(np.median(m.order['encoder']))
+    rows = [(f'total step <= {TARGET_TOTAL_OVER_ENCODER:g}x encoder (edge M=20, torch encoder)',
+             f'{fmt(order_ratio)}x side by side; {fmt(window_total / m.encoder_median)}x '
+             f'from the medians at frame {last:,}', order_ratio <= TARGET_TOTAL_OVER_ENCODER)]
+    for run in m.runs:
+        assert run.drift is not None
+        side = run.drift[1] / run.drift[0]
+        windows = window_median(run.step_ms, last) / window_median(run.step_ms, first)
+        rows.append((f'step at {last:,} / at {first:,} <= {TARGET_DRIFT:g} ({run.name})',
+                     f'{fmt(side, 3)} side by side; {fmt(windows, 3)} from the windows',
+                     side <= TARGET_DRIFT))
+    for run in m.runs:
+        growth = run.rss_mb[last] - run.rss_mb[rss_from]
+        rows.append((f'RSS growth {rss_from:,} -> {last:,} frames <= {TARGET_RSS_GROWTH_MB:g} MB '
+                     f'({run.name})', f'{fmt(growth, 1)} MB', growth <= TARGET_RSS_GROWTH_MB))
+    if m.blip2:
+        _, cached, recompute = m.blip2[-1]  # judged at BLIP-2's own frame size
+        rows.append((f'cached >= {TARGET_BLIP2_SPEEDUP:g}x faster than recompute (blip2, M=20, '
+                     '257 tokens per frame)', f'{fmt(recompute / cached)}x',
+                     recompute / cached >= TARGET_BLIP2_SPEEDUP))
+    print('\n' + targets(rows))
+    print('\nThe side-by-side ratios decide the verdicts: both sides were timed interleaved, so '
+          'load from other processes affects them alike.')
 
 
 def main() -> None:
@@ -356,184 +496,28 @@ def main() -> None:
         args.frames, args.baseline_frames, args.blip2_steps = 300, 300, 5
     if args.frames < WINDOW or args.baseline_frames < WINDOW:
         parser.error(f'--frames and --baseline-frames must be at least {WINDOW}')
-
-    checkpoints = sorted({c for c in CHECKPOINTS if c < args.frames} | {args.frames})
-    base_points = sorted({c for c in CHECKPOINTS if c < args.baseline_frames}
-                         | {args.baseline_frames})
-    first, last = checkpoints[0], checkpoints[-1]
-    rss_from = checkpoints[-2] if len(checkpoints) > 1 else first
+    plan = Plan(args.frames, args.baseline_frames, args.encoder_frames, args.blip2_steps,
+                args.quick, args.skip_blip2)
 
     print('# malmm_ros streaming benchmark\n')
-    print(f'Run {time.strftime("%Y-%m-%d %H:%M")}: frames {args.frames}, baseline frames '
-          f'{args.baseline_frames}, latency windows of {WINDOW} steps ending at frames '
-          f'{", ".join(f"{c:,}" for c in checkpoints)}.\n')
+    print(f'Run {time.strftime("%Y-%m-%d %H:%M")}: frames {plan.frames}, baseline frames '
+          f'{plan.baseline_frames}, latency windows of {WINDOW} steps ending at frames '
+          f'{", ".join(f"{c:,}" for c in plan.checkpoints)}.\n')
     print(f'Load average at start: {load_average()}.\n')
     print('## Machine\n')
-    print(table(['CPU', 'cores (os.cpu_count)', 'torch', 'torch threads', 'Python'],
-                [[cpu_model(), os.cpu_count(), torch.__version__, torch.get_num_threads(),
-                  platform.python_version()]]))
+    print(machine(torch_threads=torch.get_num_threads()))
     print(flush=True)
 
-    # Encoder.
-    encoder, crops, enc = bench_encoder(args.encoder_frames, warmup=10)
-
-    # Bounded-memory rows, then the baseline (it leaves the biggest heap behind).
-    edge = build_model('edge')
-    runs: list[StreamResult] = []
-    for name, capacity, cache in (('edge M=10 cached', 10, True),
-                                  ('edge M=20 cached', 20, True),
-                                  ('edge M=20 recompute', 20, False)):
-        memory = edge.new_memory(capacity, cache_projections=cache)
-        runs.append(run_stream(name, edge, memory, enc.tokens, args.frames, checkpoints,
-                               snapshot_at=first))
-        del memory
-    order = pipeline_order(edge, encoder, crops, 20, steps=100 if not args.quick else 30)
-    base_memory = edge.new_memory(None)
-    baseline = run_stream('edge no compression', edge, base_memory, enc.tokens,
-                          args.baseline_frames, base_points, snapshot_at=None)
-    del base_memory
-    bytes_per_frame = frame_bytes(edge, enc.tokens)
-    gc.collect()
-    # A second encoder pass: a burst of load from other processes during one pass shows up
-    # as a gap between the two medians; the lower one is used below.
-    _, encoder_again = time_encoder(encoder, crops, 'encoder again')
-    passes = (enc.encoder_ms, encoder_again)
-    enc_median = min(float(np.median(times)) for times in passes)
-
-    print('\n## Encoder (torch EfficientNet-Lite0, pretrained, fp32, batch 1)\n')
-    print(table(['pass', 'frames timed', 'median ms', 'p10 ms', 'p90 ms'],
-                [[label, len(times), fmt(float(np.median(times))),
-                  fmt(float(np.percentile(times, 10))), fmt(float(np.percentile(times, 90)))]
-                 for label, times in zip(('first (before the memory rows)',
-                                          'second (after the baseline)'), passes,
-                                         strict=True)]))
-    print(f'\nencoder ms below: {fmt(enc_median)} (the lower of the two medians). '
-          f'resize_and_crop (before the encoder, not counted in its time): '
-          f'{fmt(float(np.median(enc.crop_ms)))} ms on a 512x512 photo.')
-
+    m = measure(plan)
     if args.dump:
-        np.savez(args.dump, encoder_ms=enc.encoder_ms, encoder_again_ms=encoder_again,
+        np.savez(args.dump, encoder_ms=m.encoder.encoder_ms, encoder_again_ms=m.encoder_again_ms,
                  **{run.name.replace(' ', '_').replace('=', ''): run.step_ms
-                    for run in [*runs, baseline]})
-
-    # Latency table.
-    rows = []
-    for run in [*runs, baseline]:
-        reference = window_median(run.step_ms, first)
-        for point in (base_points if run is baseline else checkpoints):
-            step = window_median(run.step_ms, point)
-            heads = window_median(run.heads_ms, point)
-            total = enc_median + step + heads
-            low = float(np.percentile(run.step_ms[max(0, point - WINDOW):point], 10))
-            rows.append([run.name, f'{point:,}', fmt(enc_median), fmt(step), fmt(low),
-                         fmt(heads), fmt(total), fmt(total / enc_median),
-                         fmt(step / reference)])
-    slope, intercept = baseline_slope(baseline)
-    far = max(CHECKPOINTS[-1], args.frames)
-    if args.baseline_frames < far:
-        projected = intercept + slope * far
-        rows.append([baseline.name, f'{far:,}', 'not run', f'not run (grows linearly: '
-                     f'+{fmt(slope * 1000)} ms per 1,000 frames, ~{fmt(projected, 0)} ms '
-                     f'extrapolated)', '', '', '', '', ''])
-        rows[-1][3] += ' (Theil-Sen fit over the p10 of each window)'
-    print('\n## Per-step latency (median of the 50 steps ending at each frame)\n')
-    print(table(['config', 'frame', 'encoder ms', 'memory + Q-Former ms', '(p10 ms)',
-                 'heads ms', 'total ms', 'total / encoder', f'memory step / at {first:,}'],
-                rows))
-    print('\nencoder ms is the encoder median above (its cost does not depend on the frame '
-          'index); memory + Q-Former is MalmmModel.step (adapter, banks, Q-Former), median and '
-          '10th percentile of the window (a median far above its p10 means the window ran '
-          'while other processes held the cores); heads is MalmmModel.classify on the same '
-          'step.')
-
-    # Memory table.
-    columns = sorted(set(checkpoints) | set(base_points))
-    rows = []
-    for run in [*runs, baseline]:
-        points = sorted(run.rss_mb)
-        growth = run.rss_mb[points[-1]] - run.rss_mb[points[-2]] if len(points) > 1 else math.nan
-        cells = [fmt(run.rss_mb[c], 1) if c in run.rss_mb else 'not run' for c in columns]
-        rows.append([run.name, *cells, f'{fmt(growth, 1)} ({points[-2]:,} -> {points[-1]:,})'
-                     if len(points) > 1 else 'n/a', fmt(run.bank_mb[points[-1]], 2)])
-    print('\n## Memory (RSS of the whole process, after gc.collect())\n')
-    print(table(['config', *[f'RSS MB at {c:,}' for c in columns], 'RSS growth MB',
-                 'bank MB (last frame)'], rows))
-    if args.baseline_frames < far:
-        print(f'\n{baseline.name} at {far:,} frames: not run (grows linearly: '
-              f'{fmt(bytes_per_frame / 1024, 0)} kB of bank storage per frame kept, '
-              f'~{fmt(bytes_per_frame * far / 2**30, 1)} GB extrapolated, more as its storage '
-              f'doubles, and '
-              f'~{fmt(intercept + slope * far, 0)} ms per step). The baseline attends over every '
-              'frame it has seen, so both its step time and its memory grow with every frame.')
-    print('\nAll rows run in one process, one after the other, so absolute RSS includes what '
-          'earlier rows left behind; the growth within a row is what matters.')
-
-    # Side by side.
-    print(f'\n## Side by side (interleaved steps, {WINDOW} each)\n')
-    rows = []
-    for run in runs:
-        assert run.drift is not None
-        rows.append([run.name, fmt(run.drift[0]), fmt(run.drift[1]),
-                     fmt(run.drift[1] / run.drift[0], 3)])
-    print(table(['config', f'step ms at frame ~{first:,}', f'step ms at frame ~{last:,}',
-                 'ratio'], rows))
-    order_enc = float(np.median(order['encoder']))
-    order_total = float(np.median(order['total']))
-    print(f'\nPipeline order (edge M=20 cached, {len(order["total"])} frames after the bank is '
-          'full: encoder, step, heads per frame):\n')
-    print(table(['encoder ms', 'memory + Q-Former ms', 'heads ms', 'total ms',
-                 'total / encoder'],
-                [[fmt(order_enc), fmt(float(np.median(order['memory']))),
-                  fmt(float(np.median(order['heads']))), fmt(order_total),
-                  fmt(order_total / order_enc)]]))
-
-    blip2 = None
-    if not args.skip_blip2:
-        generator = torch.Generator().manual_seed(SEED)
-        eva_tokens = [torch.randn(1, 257, enc.tokens[0].shape[2], generator=generator)
-                      for _ in range(4)]
-        blip2_rows = []
-        for label, frame_tokens in (('49 (EfficientNet-Lite0 frame)', enc.tokens),
-                                    ('257 (EVA-CLIP ViT-g frame, as in BLIP-2)', eva_tokens)):
-            cached_ms, recompute_ms = bench_blip2(frame_tokens, 20, args.blip2_steps)
-            medians = (float(np.median(cached_ms)), float(np.median(recompute_ms)))
-            blip2_rows.append([label, fmt(medians[0], 1), fmt(medians[1], 1),
-                               fmt(medians[1] / medians[0])])
-            blip2 = medians  # the target is judged at BLIP-2's own frame size
-        print(f'\n## blip2 size, M = 20 ({args.blip2_steps} interleaved steps each, frames '
-              f'22..{21 + args.blip2_steps}, bank full)\n')
-        print(table(['tokens per frame', 'cached ms', 'recompute ms', 'speedup'], blip2_rows))
-
-    # Targets.
-    by_name = {run.name: run for run in runs}
-    m20 = by_name['edge M=20 cached']
-    window_total = (enc_median + window_median(m20.step_ms, last)
-                    + window_median(m20.heads_ms, last))
-    rows = [[f'total step <= {TARGET_TOTAL_OVER_ENCODER:g}x encoder (edge M=20, torch encoder)',
-             f'{fmt(order_total / order_enc)}x side by side; {fmt(window_total / enc_median)}x '
-             f'from the medians at frame {last:,}',
-             verdict(order_total / order_enc <= TARGET_TOTAL_OVER_ENCODER)]]
-    for run in runs:
-        assert run.drift is not None
-        side = run.drift[1] / run.drift[0]
-        windows = window_median(run.step_ms, last) / window_median(run.step_ms, first)
-        rows.append([f'step at {last:,} / at {first:,} <= {TARGET_DRIFT:g} ({run.name})',
-                     f'{fmt(side, 3)} side by side; {fmt(windows, 3)} from the windows',
-                     verdict(side <= TARGET_DRIFT)])
-    for run in runs:
-        growth = run.rss_mb[last] - run.rss_mb[rss_from]
-        rows.append([f'RSS growth {rss_from:,} -> {last:,} frames <= {TARGET_RSS_GROWTH_MB:g} MB '
-                     f'({run.name})', f'{fmt(growth, 1)} MB', verdict(growth <=
-                                                                      TARGET_RSS_GROWTH_MB)])
-    if blip2 is not None:
-        speedup = blip2[1] / blip2[0]
-        rows.append([f'cached >= {TARGET_BLIP2_SPEEDUP:g}x faster than recompute (blip2, M=20, '
-                     '257 tokens per frame)',
-                     f'{fmt(speedup)}x', verdict(speedup >= TARGET_BLIP2_SPEEDUP)])
-    print('\n## Targets\n')
-    print(table(['target', 'measured', 'verdict'], rows))
-    print('\nThe side-by-side ratios decide the verdicts: both sides were timed interleaved, so '
-          'load from other processes affects them alike.')
+                    for run in [*m.runs, m.baseline]})
+    report_encoder(m)
+    report_latency(plan, m)
+    report_memory(plan, m)
+    report_side_by_side(plan, m)
+    report_targets(plan, m)
     print(f'\nLoad average at the end: {load_average()}.')
 
 

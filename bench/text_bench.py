@@ -3,9 +3,10 @@
 What it measures, for each LLM, through TextDescriber (the node's code path), fp32 on CPU:
 
 - load: TextDescriber.load of the saved folder (transformers already imported);
-- describe: `generate` on one stream's query outputs [1, 32, 256] (the edge Q-Former's), the
-  projection, prompt and decoding included; median, p10 and p90 over --runs calls after one
-  warm-up call, for greedy and beam (3 beams) decoding at --max-new-tokens;
+- describe: `generate` on one stream's query outputs [1, 32, 128] (the edge Q-Former's: 32
+  queries of its hidden size 128), the projection, prompt and decoding included; median, p10
+  and p90 over --runs calls after one warm-up call, for greedy and beam (3 beams) decoding at
+  --max-new-tokens;
 - per token: the greedy median over the tokens it produced;
 - caption step: one caption_loss forward and backward (batch 8, 8-token narrations), what
   training the projector costs per batch;
@@ -31,7 +32,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -39,13 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from benchlib import machine, rss_mb, table
 from tqdm import tqdm
 
+from malmm_ros.config import model_preset
 from malmm_ros.model.text import GenerationOptions, TextDescriber, offline_transformers
 from malmm_ros.model.tiny_llm import KITCHEN_SENTENCES, write_tiny_llm
 
-QFORMER_WIDTH = 256  # the edge preset's model.hidden_size
-NUM_QUERIES = 32
+QFORMER_WIDTH = model_preset('edge').hidden_size  # 128
+NUM_QUERIES = model_preset('edge').num_queries  # 32
 BEAMS = 3
 CAPTION_BATCH = 8
 
@@ -71,14 +73,6 @@ class Row:
     beam_ms: list[float]
     caption_ms: float
     rss_mb: float
-
-
-def rss_mb() -> float:
-    gc.collect()
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith('VmRSS:'):
-            return int(line.split()[1]) / 1024
-    return float('nan')
 
 
 def local_models(extra: list[str]) -> list[Path]:
@@ -136,22 +130,6 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
-    return '\n'.join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--runs', type=int, default=5, help='timed descriptions per decoding')
@@ -171,9 +149,7 @@ def main() -> None:
     print('# malmm_ros text description benchmark\n')
     print(f'Run {time.strftime("%Y-%m-%d %H:%M")}; load average at start: '
           f'{os.getloadavg()[0]:.2f}.\n')
-    print(table(['CPU', 'cores', 'torch', 'torch threads', 'Python'],
-                [[cpu_name(), str(os.cpu_count()), torch.__version__, str(args.threads),
-                  platform.python_version()]]))
+    print(machine(torch_threads=args.threads))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         names = list(RANDOM_MODELS)[:1] if args.quick else list(RANDOM_MODELS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,22 +19,13 @@ import yaml
 
 from malmm_ros.errors import ConfigError
 
-__all__ = [
-    'PRESETS',
-    'AnticipateConfig',
-    'LabelsConfig',
-    'ModelConfig',
-    'QosConfig',
-    'TextConfig',
-    'field_specs',
-    'flatten',
-    'load_config',
-    'parameter_help',
-]
+__all__ = ['PRESETS', 'AnticipateConfig', 'LabelsConfig', 'ModelConfig', 'QosConfig', 'TextConfig',
+           'build_config', 'field_specs', 'flatten', 'load_config', 'model_preset',
+           'parameter_help', 'parse_yaml', 'read_yaml', 'spec', 'validate_fields']
 
 
-def _spec(default: Any, doc: str, lo: float | None = None, hi: float | None = None,
-          choices: tuple[str, ...] | None = None) -> Any:
+def spec(default: Any, doc: str, lo: float | None = None, hi: float | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with its documentation and valid range (read by the node too)."""
     return field(default=default, metadata={'doc': doc, 'range': (lo, hi), 'choices': choices})
 
@@ -42,17 +34,17 @@ def _spec(default: Any, doc: str, lo: float | None = None, hi: float | None = No
 class ModelConfig:
     """Shape of the memory-augmented Q-Former and its visual adapter (weights must match)."""
 
-    preset: str = _spec('edge', 'named base configuration', choices=('edge', 'base', 'blip2'))
-    num_layers: int = _spec(2, 'Q-Former blocks', 1, 48)
-    hidden_size: int = _spec(128, 'Q-Former width', 8, 4096)
-    num_heads: int = _spec(4, 'attention heads (must divide hidden_size)', 1, 64)
-    intermediate_size: int = _spec(512, 'feed-forward width', 8, 16384)
-    num_queries: int = _spec(32, 'learned query tokens', 1, 256)
-    encoder_width: int = _spec(128, 'width of visual tokens entering cross-attention', 8, 4096)
-    cross_attention_every: int = _spec(2, 'layer i cross-attends when i % this == 0', 1, 48)
-    time_buckets: int = _spec(16, 'log-spaced age buckets of the relative-time bias', 2, 256)
-    max_age_s: float = _spec(600.0, 'ages beyond this share the last time bucket', 1.0, 1e7)
-    recompute_projections: bool = _spec(
+    preset: str = spec('edge', 'named base configuration', choices=('edge', 'base', 'blip2'))
+    num_layers: int = spec(2, 'Q-Former blocks', 1, 48)
+    hidden_size: int = spec(128, 'Q-Former width', 8, 4096)
+    num_heads: int = spec(4, 'attention heads (must divide hidden_size)', 1, 64)
+    intermediate_size: int = spec(512, 'feed-forward width', 8, 16384)
+    num_queries: int = spec(32, 'learned query tokens', 1, 256)
+    encoder_width: int = spec(128, 'width of visual tokens entering cross-attention', 8, 4096)
+    cross_attention_every: int = spec(2, 'layer i cross-attends when i % this == 0', 1, 48)
+    time_buckets: int = spec(16, 'log-spaced age buckets of the relative-time bias', 2, 256)
+    max_age_s: float = spec(600.0, 'ages beyond this share the last time bucket', 1.0, 1e7)
+    recompute_projections: bool = spec(
         False, 'recompute bank key/value projections every step (slow; for comparison)')
 
     # Fields that describe weights; the rest are run-time switches.
@@ -61,7 +53,7 @@ class ModelConfig:
                     'max_age_s')
 
     def __post_init__(self) -> None:
-        _validate(self, 'model')
+        validate_fields(self, 'model')
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f'model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads '
@@ -102,25 +94,25 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 class LabelsConfig:
     """Where label names come from when no trained checkpoint supplies them."""
 
-    verb_classes: str = _spec('', 'EK-100 verb class CSV (EPIC_100_verb_classes.csv); empty: '
-                              'placeholder names')
-    noun_classes: str = _spec('', 'EK-100 noun class CSV (EPIC_100_noun_classes.csv)')
+    verb_classes: str = spec('', 'EK-100 verb class CSV (EPIC_100_verb_classes.csv); empty: '
+                             'placeholder names')
+    noun_classes: str = spec('', 'EK-100 noun class CSV (EPIC_100_noun_classes.csv)')
 
     def __post_init__(self) -> None:
-        _validate(self, 'labels')
+        validate_fields(self, 'labels')
 
 
 @dataclass(frozen=True)
 class QosConfig:
     """Quality of service of the camera subscription (the node only)."""
 
-    reliability: str = _spec('best_effort', 'best_effort matches camera drivers (sensor data); '
-                             'reliable only talks to reliable publishers',
-                             choices=('best_effort', 'reliable'))
-    depth: int = _spec(1, 'subscription queue depth; 1 keeps only the newest frame', 1, 100)
+    reliability: str = spec('best_effort', 'best_effort matches camera drivers (sensor data); '
+                            'reliable only talks to reliable publishers',
+                            choices=('best_effort', 'reliable'))
+    depth: int = spec(1, 'subscription queue depth; 1 keeps only the newest frame', 1, 100)
 
     def __post_init__(self) -> None:
-        _validate(self, 'qos')
+        validate_fields(self, 'qos')
 
 
 @dataclass(frozen=True)
@@ -132,21 +124,21 @@ class TextConfig:
     their way.
     """
 
-    enabled: bool = _spec(False, 'describe the memory in words with a local LLM (needs '
-                          'text.model_path)')
-    model_path: str = _spec('', 'local Hugging Face causal LM folder (config.json, weights, '
-                            'tokenizer); read offline, never downloaded')
-    every_n_predictions: int = _spec(5, 'describe every n-th prediction; a request while the '
-                                     'LLM is still busy is dropped (counted)', 1, 100000)
-    max_new_tokens: int = _spec(24, 'longest description, in tokens', 1, 1024)
-    prompt: str = _spec('Describe what happens next:', 'text after the projected queries; '
-                        'keep the one the projector was trained with')
-    decoding: str = _spec('greedy', 'greedy: one best token at a time; beam: beam search',
-                          choices=('greedy', 'beam'))
-    num_beams: int = _spec(3, 'beams of beam decoding (decoding: beam)', 2, 16)
+    enabled: bool = spec(False, 'describe the memory in words with a local LLM (needs '
+                         'text.model_path)')
+    model_path: str = spec('', 'local Hugging Face causal LM folder (config.json, weights, '
+                           'tokenizer); read offline, never downloaded')
+    every_n_predictions: int = spec(5, 'describe every n-th prediction; a request while the '
+                                    'LLM is still busy is dropped (counted)', 1, 100000)
+    max_new_tokens: int = spec(24, 'longest description, in tokens', 1, 1024)
+    prompt: str = spec('Describe what happens next:', 'text after the projected queries; '
+                       'keep the one the projector was trained with')
+    decoding: str = spec('greedy', 'greedy: one best token at a time; beam: beam search',
+                         choices=('greedy', 'beam'))
+    num_beams: int = spec(3, 'beams of beam decoding (decoding: beam)', 2, 16)
 
     def __post_init__(self) -> None:
-        _validate(self, 'text')
+        validate_fields(self, 'text')
         if self.enabled and not self.model_path.strip():
             raise ConfigError('text.enabled is true but text.model_path is empty; set it to a '
                               'local Hugging Face model folder')
@@ -156,37 +148,50 @@ class TextConfig:
 class AnticipateConfig:
     """Everything the pipeline and the node need; mirrors config/anticipate.yaml."""
 
-    sample_fps: float = _spec(1.0, 'frames per second fed to the memory (0: every frame)',
-                              0.0, 1000.0)
-    publish_every_n: int = _spec(1, 'predict every n sampled frames', 1, 10000)
-    memory_bank_length: int = _spec(20, 'memory capacity M of every bank, in slots', 1, 1000)
-    backend: str = _spec('onnxruntime', 'image encoder backend (auto: best one available)',
-                         choices=('onnxruntime', 'torch', 'tensorrt', 'auto'))
-    precision: str = _spec('fp16', 'TensorRT engine precision (int8 needs calibration '
-                           'frames: malmm-export engine --calib)',
-                           choices=('fp32', 'fp16', 'int8'))
-    engine_dir: str = _spec('', 'cache of exported/compiled encoders; empty: $MALMM_ENGINE_DIR, '
-                            'the checkout\'s engines/ or ~/.cache/malmm_ros/engines')
-    checkpoint: str = _spec('', 'trained safetensors checkpoint; empty: untrained heads')
-    device: str = _spec('cpu', 'torch device for the model', choices=('cpu', 'cuda'))
-    num_threads: int = _spec(0, 'compute threads of the encoder and Q-Former (0: all cores but '
-                             'one, leaving room for the camera driver and DDS)', 0, 256)
-    max_gap_s: float = _spec(10.0, 'a stamp gap longer than this resets the memory (0: never)',
-                             0.0, 1e6)
-    input_transport: str = _spec('raw', 'raw: sensor_msgs/Image on `image`; compressed: '
-                                 'sensor_msgs/CompressedImage on `image/compressed`',
-                                 choices=('raw', 'compressed'))
-    stale_after_s: float = _spec(2.0, 'diagnostics report ERROR when no frame arrived for this '
-                                 'long', 0.1, 3600.0)
-    max_image_side: int = _spec(4096, 'frames with a larger width or height are refused', 16,
-                                16384)
+    sample_fps: float = spec(1.0, 'frames per second fed to the memory (0: every frame)',
+                             0.0, 1000.0)
+    publish_every_n: int = spec(1, 'predict every n sampled frames', 1, 10000)
+    memory_bank_length: int = spec(20, 'memory capacity M of every bank, in slots', 1, 1000)
+    backend: str = spec('onnxruntime', 'image encoder backend (auto: best one available)',
+                        choices=('onnxruntime', 'torch', 'tensorrt', 'auto'))
+    precision: str = spec('fp16', 'TensorRT engine precision (int8 needs calibration '
+                          'frames: malmm-export engine --calib)',
+                          choices=('fp32', 'fp16', 'int8'))
+    engine_dir: str = spec('', 'cache of exported/compiled encoders; empty: $MALMM_ENGINE_DIR, '
+                           'the checkout\'s engines/ or ~/.cache/malmm_ros/engines')
+    checkpoint: str = spec('', 'trained safetensors checkpoint; empty: untrained heads')
+    device: str = spec('cpu', 'torch device for the model', choices=('cpu', 'cuda'))
+    num_threads: int = spec(0, 'compute threads of the encoder and Q-Former (0: all cores but '
+                            'one, leaving room for the camera driver and DDS)', 0, 256)
+    max_gap_s: float = spec(10.0, 'a stamp gap longer than this resets the memory (0: never)',
+                            0.0, 1e6)
+    input_transport: str = spec('raw', 'raw: sensor_msgs/Image on `image`; compressed: '
+                                'sensor_msgs/CompressedImage on `image/compressed`',
+                                choices=('raw', 'compressed'))
+    stale_after_s: float = spec(2.0, 'diagnostics report ERROR when no frame arrived for this '
+                                'long', 0.1, 3600.0)
+    max_image_side: int = spec(4096, 'frames with a larger width or height are refused', 16,
+                               16384)
     model: ModelConfig = field(default_factory=ModelConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     qos: QosConfig = field(default_factory=QosConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
-        _validate(self, '')
+        validate_fields(self, '')
+
+    def check_files(self, *, text: bool = False) -> None:
+        """ConfigError naming the absolute path of a configured file that is missing (a relative
+        path is read from the working directory, which is easy to get wrong); with `text`, the
+        LLM folder of enabled text descriptions too."""
+        paths = {'checkpoint': self.checkpoint, 'labels.verb_classes': self.labels.verb_classes,
+                 'labels.noun_classes': self.labels.noun_classes}
+        if text and self.text.enabled:
+            paths['text.model_path'] = self.text.model_path
+        for name, value in paths.items():
+            if value and not Path(value).expanduser().exists():
+                raise ConfigError(f'{name} {value!r}: {Path(value).expanduser().resolve()} does '
+                                  'not exist')
 
     def threads(self) -> int:
         """num_threads, with 0 resolved to all cores but one (at least one).
@@ -212,27 +217,146 @@ class AnticipateConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = '<dict>') -> AnticipateConfig:
         """Build from a nested or dotted dict, or a whole ROS 2 parameter file's contents."""
         flat = flatten(_unwrap_ros_parameters(data, source))
-        groups = _GROUPS  # group name -> dataclass
-        top, by_group = split_groups(cls, groups, flat, source, what='parameter')
-        try:
-            model_fields = by_group.pop('model')
-            preset = model_fields.pop('preset', 'edge')
-            if not isinstance(preset, str):
-                raise ConfigError(f'model.preset must be a string, got {preset!r}')
-            built = {'model': model_preset(preset, **_coerce(ModelConfig, model_fields, 'model'))}
-            for group, values in by_group.items():
-                built[group] = groups[group](**_coerce(groups[group], values, group))
-            return cls(**built, **_coerce(cls, top, ''))
-        except ConfigError as exc:
-            raise ConfigError(f'{source}: {exc}') from None
+        return build_config(cls, flat, source, what='parameter',
+                            makers={'model': _model_from_preset})
 
 
-_GROUPS: dict[str, type] = {'model': ModelConfig, 'labels': LabelsConfig, 'qos': QosConfig,
-                            'text': TextConfig}
+def _model_from_preset(preset: str = 'edge', **fields: Any) -> ModelConfig:
+    return model_preset(_typed('str', preset, 'model.preset'), **fields)
 
 
-def split_groups(cls: type, groups: dict[str, type], flat: dict[str, Any], source: str, *,
-                 what: str = 'setting') -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def load_config(source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None = None
+                ) -> AnticipateConfig:
+    """Config from a YAML path, a dict, an existing config or None (the defaults)."""
+    if source is None:
+        return AnticipateConfig()
+    if isinstance(source, AnticipateConfig):
+        return source
+    if isinstance(source, dict):
+        return AnticipateConfig.from_dict(source)
+    path = Path(source)
+    return AnticipateConfig.from_dict(read_yaml(path), source=str(path))
+
+
+def parameter_help() -> str:
+    """Every parameter with its default, valid values and meaning, one block each (--help)."""
+    defaults = AnticipateConfig().to_parameters()
+    lines = []
+    for name, f in field_specs().items():
+        meta = f.metadata
+        lo, hi = meta.get('range', (None, None))
+        if meta.get('choices'):
+            valid = ' | '.join(meta['choices'])
+        elif lo is not None or hi is not None:
+            valid = f'{_number(lo)} .. {_number(hi)}'
+        else:
+            valid = f.type
+        lines.append(f'  {name} (default {defaults[name]!r}; {valid})')
+        lines.append(f'      {meta.get("doc", "")}')
+    return '\n'.join(lines)
+
+
+def _number(value: float | None) -> str:
+    return '' if value is None else f'{value:g}'
+
+
+def _unwrap_ros_parameters(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Accept `{node: {ros__parameters: {...}}}` as written by ROS 2 parameter files."""
+    blocks = [v['ros__parameters'] for v in data.values()
+              if isinstance(v, dict) and 'ros__parameters' in v]
+    if not blocks:
+        return data
+    if len(blocks) > 1:
+        raise ConfigError(f'{source}: more than one node section; keep one (e.g. "/**")')
+    if not isinstance(blocks[0], dict):
+        raise ConfigError(f'{source}: ros__parameters must be a mapping')
+    return blocks[0]
+
+
+# -- the schema machinery, shared with malmm_ros.training.config -----------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader reading 1e1 and 1e-4 as floats, as YAML 1.2 and the ROS 2 parameter parser do
+    (YAML 1.1 wants a dot in a float, so plain PyYAML reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float', re.compile(r'^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$'),
+    list('-+0123456789'))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text (a file's contents or one --set value) with numbers read as ROS 2 reads them."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'{source}: not valid YAML ({exc})') from None
+
+
+def read_yaml(path: str | os.PathLike, *, what: str = 'config', empty_ok: bool = False
+              ) -> dict[str, Any]:
+    """The mapping at the top of a YAML file; `empty_ok`: an empty file is {}."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f'cannot read {what} {path}: {exc.strerror}') from None
+    data = parse_yaml(text, str(path))
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: expected a mapping at the top level')
+    return data
+
+
+def flatten(data: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    """{'model': {'num_layers': 4}} -> {'model.num_layers': 4}; dotted keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, dict):
+            flat.update(flatten(value, f'{name}.'))
+        else:
+            flat[name] = value
+    return flat
+
+
+def field_specs(config_cls: type = AnticipateConfig, prefix: str = '') -> dict[str, Any]:
+    """{dotted name: dataclasses.Field} for every leaf field of the schema."""
+    specs: dict[str, Any] = {}
+    groups = _groups(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in groups:
+            specs.update(field_specs(f.default_factory, f'{prefix}{f.name}.'))
+        else:
+            specs[f'{prefix}{f.name}'] = f
+    return specs
+
+
+def build_config(cls: type, flat: dict[str, Any], source: str, *, what: str = 'setting',
+                 makers: dict[str, Any] | None = None) -> Any:
+    """`cls` from {dotted name: value}: each group dataclass built from its fields (or by
+    makers[group]), unknown names refused, every error prefixed with `source`."""
+    groups = _groups(cls)
+    top, by_group = _split_groups(cls, groups, flat, source, what)
+    makers = makers or {}
+    try:
+        built = {group: makers.get(group, kind)(**by_group[group])
+                 for group, kind in groups.items()}
+        return cls(**built, **top)
+    except ConfigError as exc:
+        raise ConfigError(f'{source}: {exc}') from None
+
+
+def _groups(cls: type) -> dict[str, type]:
+    """{field name: dataclass} of the fields that hold a nested config group."""
+    return {f.name: f.default_factory for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(f.default_factory)}
+
+
+def _split_groups(cls: type, groups: dict[str, type], flat: dict[str, Any], source: str,
+                  what: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Sort dotted keys into top-level fields of `cls` and fields of each group dataclass;
     any other key is refused by name (a typo must not pass silently)."""
     by_group: dict[str, dict[str, Any]] = {name: {} for name in groups}
@@ -251,115 +375,23 @@ def split_groups(cls: type, groups: dict[str, type], flat: dict[str, Any], sourc
     return top, by_group
 
 
-def load_config(source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None = None
-                ) -> AnticipateConfig:
-    """Config from a YAML path, a dict, an existing config or None (the defaults)."""
-    if source is None:
-        return AnticipateConfig()
-    if isinstance(source, AnticipateConfig):
-        return source
-    if isinstance(source, dict):
-        return AnticipateConfig.from_dict(source)
-    path = Path(source)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f'cannot read config {path}: {exc.strerror}') from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f'{path}: not valid YAML ({exc})') from None
-    if not isinstance(data, dict):
-        raise ConfigError(f'{path}: expected a mapping at the top level')
-    return AnticipateConfig.from_dict(data, source=str(path))
-
-
-def field_specs(config_cls: type = AnticipateConfig, prefix: str = '') -> dict[str, Any]:
-    """{dotted name: dataclasses.Field} for every leaf field of the schema."""
-    specs: dict[str, Any] = {}
-    for f in dataclasses.fields(config_cls):
-        factory = f.default_factory
-        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            specs.update(field_specs(factory, f'{prefix}{f.name}.'))
-        else:
-            specs[f'{prefix}{f.name}'] = f
-    return specs
-
-
-def parameter_help() -> str:
-    """Every parameter with its default, valid values and meaning, one block each (--help)."""
-    defaults = AnticipateConfig().to_parameters()
-    lines = []
-    for name, spec in field_specs().items():
-        meta = spec.metadata
-        lo, hi = meta.get('range', (None, None))
-        if meta.get('choices'):
-            valid = ' | '.join(meta['choices'])
-        elif lo is not None or hi is not None:
-            valid = f'{_number(lo)} .. {_number(hi)}'
-        else:
-            valid = spec.type
-        lines.append(f'  {name} (default {defaults[name]!r}; {valid})')
-        lines.append(f'      {meta.get("doc", "")}')
-    return '\n'.join(lines)
-
-
-def _number(value: float | None) -> str:
-    return '' if value is None else f'{value:g}'
-
-
-def flatten(data: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-    """{'model': {'num_layers': 4}} -> {'model.num_layers': 4}; dotted keys pass through."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f'{prefix}{key}'
-        if isinstance(value, dict):
-            flat.update(flatten(value, f'{name}.'))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _unwrap_ros_parameters(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """Accept `{node: {ros__parameters: {...}}}` as written by ROS 2 parameter files."""
-    blocks = [v['ros__parameters'] for v in data.values()
-              if isinstance(v, dict) and 'ros__parameters' in v]
-    if not blocks:
-        return data
-    if len(blocks) > 1:
-        raise ConfigError(f'{source}: more than one node section; keep one (e.g. "/**")')
-    if not isinstance(blocks[0], dict):
-        raise ConfigError(f'{source}: ros__parameters must be a mapping')
-    return blocks[0]
-
-
 def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _coerce(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
-    """Check each value's type against the dataclass field; ints are accepted for floats."""
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    out = {}
-    for name, value in values.items():
-        label = f'{section}.{name}' if section else name
-        kind = types[name]
-        if kind == 'bool':
-            ok = isinstance(value, bool)
-        elif kind == 'int':
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind == 'float':
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif kind == 'str':
-            ok = isinstance(value, str)
-        else:
-            ok = True
-        if not ok:
-            raise ConfigError(f'{label} must be of type {kind}, got {value!r}')
-        out[name] = value
-    return out
+def _typed(kind: str, value: Any, label: str) -> Any:
+    """`value` checked against a field's annotation; an int is accepted for a float."""
+    if kind == 'float' and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, _TYPES[kind]) or (kind == 'int' and isinstance(value, bool)):
+        raise ConfigError(f'{label} must be of type {kind}, got {value!r}')
+    return value
 
 
-def _validate(obj: Any, section: str) -> None:
+_TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}
+
+
+def validate_fields(obj: Any, section: str) -> None:
     """Type, range and choice checks from each field's annotation and metadata.
 
     Runs in every __post_init__, so direct construction and `replace()` are checked as strictly
@@ -368,8 +400,8 @@ def _validate(obj: Any, section: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         label = f'{section}.{f.name}' if section else f.name
-        if f.type in ('bool', 'int', 'float', 'str'):
-            checked = _coerce(type(obj), {f.name: value}, section)[f.name]
+        if f.type in _TYPES:
+            checked = _typed(f.type, value, label)
             if checked is not value:
                 object.__setattr__(obj, f.name, checked)
                 value = checked

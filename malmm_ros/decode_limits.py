@@ -3,7 +3,7 @@
 OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when its library is loaded (`import cv2`), and
 from then on refuses, before allocating it, any image that declares more pixels, whatever the
 format. Importing this module sets that variable unless the user chose a value, so it has to be
-imported before cv2 is: malmm_ros.ros.image_codec imports it first for that reason. It needs
+imported before cv2 is: malmm_ros.imaging imports it first for that reason. It needs
 nothing but the standard library, so it is cheap to import early.
 """
 

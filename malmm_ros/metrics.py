@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from malmm_ros.labels import action_ids
+
 __all__ = [
     'MISSING_LABEL',
     'anticipation_metrics',
@@ -347,19 +349,7 @@ def anticipation_metrics(
     actions = _check_labels(action_labels, count, scores['action'].shape[1], 'action_labels')
     observed_mask = None if observed is None else _check_mask(observed, count, 'observed')
 
-    # The class of an action sample is its (verb, noun) pair, packed into one integer.
-    pair_ids = verbs * scores['noun'].shape[1] + nouns
-    scored = actions >= 0
-    columns, first = np.unique(actions[scored], return_index=True)
-    expected = pair_ids[scored][first]
-    clash = np.flatnonzero(pair_ids[scored] != expected[np.searchsorted(columns, actions[scored])])
-    if clash.size:
-        index = int(np.flatnonzero(scored)[clash[0]])
-        raise ValueError(
-            f'action_labels[{index}] = {actions[index]} is also used for another (verb, noun) '
-            f'pair; one action column must stand for one (verb, noun) pair'
-        )
-
+    pair_ids = _action_pair_ids(verbs, nouns, actions, scores['noun'].shape[1])
     labels = {'verb': verbs, 'noun': nouns, 'action': actions}
     class_ids = {'verb': verbs, 'noun': nouns, 'action': pair_ids}
     hits = {
@@ -370,31 +360,7 @@ def anticipation_metrics(
         for task in scores
     }
 
-    masks: dict[str, dict[str, np.ndarray]] = {}
-    everything = np.ones(count, dtype=bool)
-    masks['overall'] = dict.fromkeys(scores, everything)
-    for name, mask in (subsets or {}).items():
-        if name in ('overall', 'tail'):
-            raise ValueError(f"subset name '{name}' is reserved")
-        masks[name] = dict.fromkeys(scores, _check_mask(mask, count, f"subsets['{name}']"))
-    if (tail_verbs is None) != (tail_nouns is None):
-        raise ValueError('pass both tail_verbs and tail_nouns, or neither')
-    if tail_verbs is not None and tail_nouns is not None:
-        verb_set = _class_set(tail_verbs, 'tail_verbs')
-        noun_set = _class_set(tail_nouns, 'tail_nouns')
-        if tail_actions is None:
-            action_mask = tail_action_mask(verbs, nouns, verb_set, noun_set)
-        else:
-            official = verbs * 1000 + nouns
-            action_mask = np.isin(official, _class_set(tail_actions, 'tail_actions'))
-        masks['tail'] = {
-            'verb': np.isin(verbs, verb_set),
-            'noun': np.isin(nouns, noun_set),
-            'action': action_mask,
-        }
-    elif tail_actions is not None:
-        raise ValueError('tail_actions needs tail_verbs and tail_nouns as well')
-
+    masks = _subset_masks(verbs, nouns, subsets, tail_verbs, tail_nouns, tail_actions)
     return {
         subset: {
             task: _summary(*hits[task], class_ids[task], task_masks[task], k)
@@ -402,3 +368,51 @@ def anticipation_metrics(
         }
         for subset, task_masks in masks.items()
     }
+
+
+def _action_pair_ids(verbs: np.ndarray, nouns: np.ndarray, actions: np.ndarray,
+                     num_nouns: int) -> np.ndarray:
+    """The class of each action sample: its (verb, noun) pair packed into one integer.
+
+    ValueError when one action column stands for two different pairs.
+    """
+    pair_ids = verbs * num_nouns + nouns
+    scored = actions >= 0
+    columns, first = np.unique(actions[scored], return_index=True)
+    expected = pair_ids[scored][first]
+    clash = np.flatnonzero(pair_ids[scored] != expected[np.searchsorted(columns, actions[scored])])
+    if clash.size:
+        index = int(np.flatnonzero(scored)[clash[0]])
+        raise ValueError(
+            f'action_labels[{index}] = {actions[index]} is also used for another (verb, noun) '
+            f'pair; one action column must stand for one (verb, noun) pair'
+        )
+    return pair_ids
+
+
+def _subset_masks(verbs: np.ndarray, nouns: np.ndarray, subsets: Mapping[str, Any] | None,
+                  tail_verbs: Iterable[int] | None, tail_nouns: Iterable[int] | None,
+                  tail_actions: Iterable[int] | None) -> dict[str, dict[str, np.ndarray]]:
+    """{subset: {task: bool [N]}}: overall, the given subsets and the official tail subsets."""
+    count = len(verbs)
+    tasks = ('verb', 'noun', 'action')
+    masks = {'overall': dict.fromkeys(tasks, np.ones(count, dtype=bool))}
+    for name, mask in (subsets or {}).items():
+        if name in ('overall', 'tail'):
+            raise ValueError(f"subset name '{name}' is reserved")
+        masks[name] = dict.fromkeys(tasks, _check_mask(mask, count, f"subsets['{name}']"))
+    if (tail_verbs is None) != (tail_nouns is None):
+        raise ValueError('pass both tail_verbs and tail_nouns, or neither')
+    if tail_verbs is None or tail_nouns is None:
+        if tail_actions is not None:
+            raise ValueError('tail_actions needs tail_verbs and tail_nouns as well')
+        return masks
+    verb_set = _class_set(tail_verbs, 'tail_verbs')
+    noun_set = _class_set(tail_nouns, 'tail_nouns')
+    if tail_actions is None:
+        action_mask = tail_action_mask(verbs, nouns, verb_set, noun_set)
+    else:
+        action_mask = np.isin(action_ids(verbs, nouns), _class_set(tail_actions, 'tail_actions'))
+    masks['tail'] = {'verb': np.isin(verbs, verb_set), 'noun': np.isin(nouns, noun_set),
+                     'action': action_mask}
+    return masks

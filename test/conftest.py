@@ -1,4 +1,4 @@
-"""Fixtures shared by every test folder."""
+"""Fixtures and markers shared by every test folder."""
 
 from __future__ import annotations
 
@@ -7,11 +7,24 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from support.domains import DOMAINS, TEST_DIR
 
-@pytest.fixture(scope='module')
+
+@pytest.fixture(scope='module', autouse=True)
 def single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is fastest and immune to CPU contention."""
+    """Tiny tensors: one intra-op thread is fastest and immune to CPU contention. Every module
+    starts with one (code under test that sets its own count still does)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A module with ROS domain ids (test/support/domains.py) joins DDS: its tests are `dds`,
+    so the table is also the list of what `make test-fast` leaves out for that reason."""
+    for item in items:
+        if item.path.is_relative_to(TEST_DIR) and \
+                item.path.relative_to(TEST_DIR).as_posix() in DOMAINS:
+            item.add_marker(pytest.mark.dds)

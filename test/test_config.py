@@ -10,6 +10,7 @@ import yaml
 
 from malmm_ros.config import AnticipateConfig, LabelsConfig, ModelConfig, load_config
 from malmm_ros.errors import ConfigError
+from malmm_ros.training.config import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 YAML_PATH = REPO / 'config' / 'anticipate.yaml'
@@ -198,6 +199,23 @@ def test_bad_yaml_files(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+@pytest.mark.parametrize('text', ['1e-4', '1e1'])
+def test_both_files_read_exponents_as_floats(tmp_path: Path, text: str) -> None:
+    """YAML 1.1 reads 1e1 and 1e-4 (no dot) as strings; the node's file and the training file
+    read them as floats, as ROS 2 does, through the one loader."""
+    node = tmp_path / 'anticipate.yaml'
+    node.write_text(f'/**:\n  ros__parameters:\n    max_gap_s: {text}\n    sample_fps: {text}\n')
+    config = load_config(node)
+    assert config.max_gap_s == config.sample_fps == float(text)
+    train = tmp_path / 'train.yaml'
+    train.write_text(f'optim:\n  weight_decay: {text}\ndata:\n  tau_a: {text}\n')
+    training = load_train_config(train)
+    assert training.optim.weight_decay == training.data.tau_a == float(text)
+    node.write_text(f'/**:\n  ros__parameters:\n    max_gap_s: "{text}"\n')
+    with pytest.raises(ConfigError, match='max_gap_s must be of type float'):
+        load_config(node)  # quoted: a string, as in any YAML
 
 
 def test_missing_file(tmp_path: Path) -> None:

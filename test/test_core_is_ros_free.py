@@ -39,6 +39,7 @@ def _core_files() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob('*.py') if ROS_ADAPTER not in p.parents)
 
 
+@pytest.mark.slow  # imports the whole core in a fresh process
 def test_core_imports_without_ros() -> None:
     result = subprocess.run(
         [sys.executable, '-c', _import_everything()],
@@ -50,6 +51,7 @@ def test_core_imports_without_ros() -> None:
     assert ros == '', f'ROS modules imported by the core: {ros}'
 
 
+@pytest.mark.slow  # imports the whole core in a fresh process
 def test_core_imports_even_when_ros_is_unimportable() -> None:
     """With rclpy made unimportable, the core still imports (it never tries)."""
     blocker = (

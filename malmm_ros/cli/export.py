@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from malmm_ros.errors import CheckpointError, ConfigError, MalmmError
-from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.imaging import resize_and_crop
 from malmm_ros.runtime.onnx_export import ONNX_FILENAME, default_engine_dir, export_onnx
 
 __all__ = ['calibration_frames', 'main']
@@ -82,7 +82,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _untrained_checkpoint(args: argparse.Namespace) -> Path:
     from malmm_ros.config import load_config
-    from malmm_ros.data.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
+    from malmm_ros.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
     from malmm_ros.model.checkpoint import checkpoint_is_trained, save_untrained_checkpoint
 
     if not args.untrained:

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from malmm_ros.config import load_config
+from malmm_ros.data.epic import load_video_info
 from malmm_ros.data.extraction import (
     SUMMARY_FILE,
     ExtractResult,
@@ -32,7 +33,6 @@ from malmm_ros.data.extraction import (
     extract_all,
     find_frame_folders,
     find_video_files,
-    read_video_fps,
     write_summary,
 )
 from malmm_ros.errors import ConfigError, DataError, MalmmError
@@ -115,7 +115,8 @@ def find_sources(*, frames_root: str | None = None, videos: str | None = None,
         found = {v: found[v] for v in dict.fromkeys(video_ids)}
     if kind == 'video':
         return [VideoSource(v, 'video', p, fps) for v, p in found.items()]
-    known = read_video_fps(video_info) if video_info else {}
+    known = {v: info.fps for v, info in load_video_info(video_info).items()} if video_info \
+        else {}
     rates = {v: known.get(v, fps if fps is not None else EK100_FRAMES_FPS) for v in found}
     return [VideoSource(v, 'frames', p, rates[v]) for v, p in found.items()]
 

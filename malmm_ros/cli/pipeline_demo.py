@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from malmm_ros.config import load_config
-from malmm_ros.data.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
 from malmm_ros.data.sample_stream import panning_frames
 from malmm_ros.errors import MalmmError
+from malmm_ros.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
 from malmm_ros.pipeline import AnticipationPipeline, Prediction
+from malmm_ros.stamps import NS_PER_S
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / 'config' / 'anticipate.yaml'
 
@@ -36,7 +37,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _table(prediction: Prediction) -> str:
     d = prediction.to_dict()
-    stamp = d['stamp']['sec'] + d['stamp']['nanosec'] * 1e-9
+    stamp = prediction.stamp_ns / NS_PER_S
     lines = [f't={stamp:6.2f}s  frames={d["frames_seen"]:4d}  slots={d["memory_slots"]:3d}  '
              f'latency={d["latency_ms"]["total"]:6.1f} ms (encoder '
              f'{d["latency_ms"]["encoder"]:.1f}, memory {d["latency_ms"]["memory"]:.1f})',

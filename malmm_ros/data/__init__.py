@@ -1,17 +1,19 @@
-"""EPIC-KITCHENS-100 annotation and label handling (no ROS imports)."""
+"""EPIC-KITCHENS-100 annotations, bags, features and extraction (no ROS imports).
+
+The label vocabularies (LabelMaps, class CSVs) live one layer down in malmm_ros.labels: the
+model's checkpoints carry them.
+"""
 
 from __future__ import annotations
 
 from malmm_ros.data.epic import (
     AnticipationSample,
-    EpicAnnotations,
     Segment,
     VideoInfo,
     action_label_indices,
     action_vocabulary,
     anticipation_samples,
     format_timestamp,
-    is_tail_action,
     load_segments,
     load_tail_classes,
     load_unseen_participants,
@@ -21,31 +23,15 @@ from malmm_ros.data.epic import (
     parse_timestamp,
     samples_from_segments,
 )
-from malmm_ros.data.labels import (
-    ActionLabel,
-    ClassLabel,
-    LabelMaps,
-    action_id,
-    load_class_csv,
-    load_ek100_labels,
-)
 
 __all__ = [
-    'ActionLabel',
     'AnticipationSample',
-    'ClassLabel',
-    'EpicAnnotations',
-    'LabelMaps',
     'Segment',
     'VideoInfo',
-    'action_id',
     'action_label_indices',
     'action_vocabulary',
     'anticipation_samples',
     'format_timestamp',
-    'is_tail_action',
-    'load_class_csv',
-    'load_ek100_labels',
     'load_segments',
     'load_tail_classes',
     'load_unseen_participants',

@@ -23,7 +23,8 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from malmm_ros.errors import DataError, FrameError, MalmmError
-from malmm_ros.ros.image_codec import decode_compressed, decode_image
+from malmm_ros.imaging import decode_compressed, decode_image
+from malmm_ros.stamps import stamp_ns, stamp_parts
 
 __all__ = [
     'COMPRESSED_IMAGE_TYPE',
@@ -74,8 +75,8 @@ class BagFrame:
     image: np.ndarray
 
 
-def _stamp(stamp_ns: int) -> Any:
-    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+def _stamp(ns: int) -> Any:
+    sec, nanosec = stamp_parts(ns)
     return _TYPESTORE.types['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec)
 
 
@@ -257,10 +258,6 @@ def _deserialize(msgtype: str, rawdata: bytes) -> Any:
                          ) from exc
 
 
-def _header_stamp_ns(msg: Any) -> int:
-    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
-
-
 def _pixels(msgtype: str, msg: Any) -> np.ndarray:
     if msgtype == COMPRESSED_IMAGE_TYPE:
         return decode_compressed(msg.format, msg.data)
@@ -319,10 +316,11 @@ def iter_camera_messages(path: str | Path, topic: str | None = None
         for connection, log_time, rawdata in _messages(reader, connections, path):
             try:
                 msg = _deserialize(connection.msgtype, bytes(rawdata))
+                stamp = stamp_ns(msg.header.stamp)
             except FrameError as exc:
                 raise FrameError(f'{path} {topic} message at log time {log_time} ns: {exc}'
                                  ) from exc
-            yield CameraMessage(_header_stamp_ns(msg), int(log_time), str(msg.header.frame_id),
+            yield CameraMessage(stamp, int(log_time), str(msg.header.frame_id),
                                 connection.msgtype, msg, topic)
     finally:
         reader.close()

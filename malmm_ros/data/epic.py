@@ -14,7 +14,6 @@ Every pickle's content is published as a CSV with the same name, which is what t
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import os
 import re
@@ -25,20 +24,19 @@ from typing import Protocol
 
 import numpy as np
 
-from malmm_ros.data.csv_file import open_csv
-from malmm_ros.data.labels import LabelMaps, load_ek100_labels
 from malmm_ros.errors import DataError
+from malmm_ros.files import open_csv
+from malmm_ros.labels import LabelMaps
+from malmm_ros.protocol import DEFAULT_TAU_A, DEFAULT_TAU_O
 
 __all__ = [
     'AnticipationSample',
-    'EpicAnnotations',
     'Segment',
     'VideoInfo',
     'action_label_indices',
     'action_vocabulary',
     'anticipation_samples',
     'format_timestamp',
-    'is_tail_action',
     'load_segments',
     'load_tail_classes',
     'load_unseen_participants',
@@ -49,7 +47,6 @@ __all__ = [
     'samples_from_segments',
 ]
 
-_LOG = logging.getLogger(__name__)
 
 TRAIN_FILE = 'EPIC_100_train.csv'
 VALIDATION_FILE = 'EPIC_100_validation.csv'
@@ -60,9 +57,6 @@ TAIL_NOUNS_FILE = 'EPIC_100_tail_nouns.csv'
 UNSEEN_VALIDATION_FILE = 'EPIC_100_unseen_participant_ids_validation.csv'
 UNSEEN_TEST_FILE = 'EPIC_100_unseen_participant_ids_test.csv'
 
-# Default anticipation time and observed window of the EK-100 protocol (REFERENCE.md).
-DEFAULT_TAU_A = 1.0
-DEFAULT_TAU_O = 10.0
 
 # Sampling times within this many seconds of the window start still belong to the window, so
 # that float rounding of ``end - i / fps`` never drops the first frame of an exact window.
@@ -507,19 +501,6 @@ def action_label_indices(
     )
 
 
-def is_tail_action(
-    verb_class: int, noun_class: int, tail_verbs: frozenset[int], tail_nouns: frozenset[int]
-) -> bool:
-    """True when the action (verb, noun) belongs to the EK-100 tail subset.
-
-    The official evaluation (epic-kitchens/C3-Action-Anticipation,
-    evaluate_anticipation_json_ek100.py, compute_anticipation_metrics; the same rule in
-    C1-Action-Recognition utils/metrics.py) defines the tail action subset as the segments whose
-    verb is a tail verb or whose noun is a tail noun: ``tail_verb_mask | tail_noun_mask``.
-    """
-    return verb_class in tail_verbs or noun_class in tail_nouns
-
-
 # --- other annotation files --------------------------------------------------------------------
 
 
@@ -581,84 +562,3 @@ def load_unseen_participants(csv_path: str | os.PathLike[str]) -> frozenset[str]
             raise table.fail(line, 'participant_id', 'empty value')
         ids.add(value)
     return frozenset(ids)
-
-
-@dataclass
-class EpicAnnotations:
-    """The files of an EK-100 annotations folder; optional files that are absent are None."""
-
-    root: Path
-    labels: LabelMaps
-    train: list[Segment] | None = None
-    validation: list[Segment] | None = None
-    test_timestamps: list[Segment] | None = None
-    video_info: dict[str, VideoInfo] | None = None
-    tail_verbs: frozenset[int] | None = None
-    tail_nouns: frozenset[int] | None = None
-    unseen_validation: frozenset[str] | None = None
-    unseen_test: frozenset[str] | None = None
-
-    @classmethod
-    def from_dir(cls, path: str | os.PathLike[str]) -> EpicAnnotations:
-        """Load the standard files of an epic-kitchens-100-annotations folder.
-
-        The verb and noun class CSVs are required (DataError naming the file when absent); the
-        others are loaded when present. Class ids in segments and tail files are range-checked.
-        """
-        root = Path(path)
-        labels = load_ek100_labels(root)  # raises for a missing folder or class file
-        limits = {'num_verbs': labels.num_verbs, 'num_nouns': labels.num_nouns}
-
-        def present(name: str) -> Path | None:
-            file = root / name
-            if file.is_file():
-                return file
-            pickle = file.with_suffix('.pkl')
-            if pickle.is_file():
-                # Not an error (the file is optional) but the user should know why it is unused.
-                _LOG.warning('%s is ignored: pickles are never loaded; add %s', pickle, name)
-            return None
-
-        def segments(name: str) -> list[Segment] | None:
-            file = present(name)
-            return load_segments(file, **limits) if file else None
-
-        tail_verbs_file, tail_nouns_file = present(TAIL_VERBS_FILE), present(TAIL_NOUNS_FILE)
-        info_file = present(VIDEO_INFO_FILE)
-        unseen_val, unseen_test = present(UNSEEN_VALIDATION_FILE), present(UNSEEN_TEST_FILE)
-        return cls(
-            root=root,
-            labels=labels,
-            train=segments(TRAIN_FILE),
-            validation=segments(VALIDATION_FILE),
-            test_timestamps=segments(TEST_TIMESTAMPS_FILE),
-            video_info=load_video_info(info_file) if info_file else None,
-            tail_verbs=(
-                load_tail_classes(tail_verbs_file, num_classes=labels.num_verbs)
-                if tail_verbs_file else None
-            ),
-            tail_nouns=(
-                load_tail_classes(tail_nouns_file, num_classes=labels.num_nouns)
-                if tail_nouns_file else None
-            ),
-            unseen_validation=load_unseen_participants(unseen_val) if unseen_val else None,
-            unseen_test=load_unseen_participants(unseen_test) if unseen_test else None,
-        )
-
-    def action_vocabulary(self, *, include_validation: bool = False) -> list[tuple[int, int]]:
-        """(verb, noun) pairs of the training split, plus validation when asked."""
-        lists = [segs for segs in (self.train, self.validation if include_validation else None)
-                 if segs is not None]
-        if not lists:
-            raise DataError(
-                f'{self.root}: no {TRAIN_FILE}'
-                + (f' or {VALIDATION_FILE}' if include_validation else '')
-                + ' to build the action vocabulary from'
-            )
-        return action_vocabulary(*lists)
-
-    def labels_with_actions(self, *, include_validation: bool = False) -> LabelMaps:
-        """Label maps whose actions are :meth:`action_vocabulary`, named "verb noun"."""
-        return self.labels.with_actions(
-            self.action_vocabulary(include_validation=include_validation)
-        )

@@ -16,7 +16,6 @@ the stored times are those of the frames actually encoded.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -32,16 +31,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from malmm_ros.data.csv_file import open_csv
 from malmm_ros.data.features import (
     FEATURES_SUFFIX,
-    PARTIAL_SUFFIX,
     FeatureWriter,
     open_video_features,
 )
 from malmm_ros.errors import DataError, FrameError, MalmmError
-from malmm_ros.model.encoder import resize_and_crop
-from malmm_ros.ros.image_codec import decode_compressed  # numpy + simplejpeg, no ROS
+from malmm_ros.files import atomic_write
+from malmm_ros.imaging import decode_compressed, resize_and_crop
 
 __all__ = [
     'SUMMARY_FILE',
@@ -55,7 +52,6 @@ __all__ = [
     'find_frame_folders',
     'find_video_files',
     'list_frames',
-    'read_video_fps',
     'write_summary',
 ]
 
@@ -152,41 +148,6 @@ def list_frames(folder: str | os.PathLike) -> dict[int, str]:
             if match:
                 frames[int(match.group(1))] = entry.name
     return frames
-
-
-def read_video_fps(path: str | os.PathLike) -> dict[str, float]:
-    """{video_id: fps} from EPIC_100_video_info.csv (columns video_id, duration, fps, ...)."""
-    path = Path(path)
-    what = f'video info file {path}'
-    with open_csv(path, what) as handle:
-        try:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            for column in ('video_id', 'fps'):
-                if column not in columns:
-                    raise DataError(f"{what}, line 1: missing column '{column}' (header has "
-                                    f'{", ".join(repr(c) for c in columns)})')
-            reader.fieldnames = columns
-            fps: dict[str, float] = {}
-            for row in reader:
-                line = reader.line_num
-                video_id = (row.get('video_id') or '').strip()
-                if not video_id:
-                    continue
-                raw = (row.get('fps') or '').strip()
-                try:
-                    value = float(raw)
-                except ValueError:
-                    value = math.nan
-                if not math.isfinite(value) or value <= 0:
-                    raise DataError(f"{what}, line {line}, column 'fps': expected a positive "
-                                    f'number, got {raw!r}')
-                fps[video_id] = value
-        except csv.Error as exc:
-            raise DataError(f'{what} cannot be read: {exc}') from None
-    if not fps:
-        raise DataError(f'{what} lists no videos')
-    return fps
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +295,7 @@ def _metadata(result: ExtractResult, encoder: Any, sample_fps: float,
         'frames_skipped': result.frames_skipped,
         'frames_missing': result.frames_missing,
         'frames_corrupt': result.frames_corrupt,
-        'preprocessing': 'malmm_ros.model.encoder.resize_and_crop (224 px centre crop)',
+        'preprocessing': 'malmm_ros.imaging.resize_and_crop (224 px centre crop)',
         'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
     }
 
@@ -552,11 +513,8 @@ def write_summary(out_dir: str | os.PathLike, results: Sequence[ExtractResult],
     summary = {'format': SUMMARY_FORMAT, **info, 'totals': totals,
                'videos': [r.to_dict() for r in results]}
     path = Path(out_dir) / SUMMARY_FILE
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
-        tmp.write_text(json.dumps(summary, indent=2) + '\n', encoding='utf-8')
-        os.replace(tmp, path)  # a reader never sees half a summary
+        atomic_write(path, json.dumps(summary, indent=2) + '\n')  # never half a summary
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise DataError(f'cannot write {path}: {exc.strerror or exc}') from None
     return path

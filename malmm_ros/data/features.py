@@ -27,6 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from malmm_ros.errors import DataError
+from malmm_ros.files import json_metadata
 
 __all__ = [
     'FEATURES_FORMAT',
@@ -236,16 +237,9 @@ class VideoFeatures:
                 times = handle.get_tensor('times_s')
         except (SafetensorError, OSError, ValueError) as exc:
             raise DataError(f'{where} is not a readable safetensors file ({exc})') from None
-        if _HEADER_KEY not in header:
-            raise DataError(f'{where} has no malmm_ros metadata: not a feature file written by '
-                            'malmm_ros (malmm-extract)')
-        try:
-            metadata = json.loads(header[_HEADER_KEY])
-        except json.JSONDecodeError as exc:
-            raise DataError(f'{where}: metadata is not valid JSON ({exc})') from None
-        if not isinstance(metadata, dict) or metadata.get('format') != FEATURES_FORMAT:
-            found = metadata.get('format') if isinstance(metadata, dict) else metadata
-            raise DataError(f'{where}: format {found!r}, expected {FEATURES_FORMAT!r}')
+        metadata = json_metadata(header, key=_HEADER_KEY, expected_format=FEATURES_FORMAT,
+                                 where=where, error=DataError,
+                                 missing='not a feature file written by malmm_ros (malmm-extract)')
         if metadata.get('complete') is not True:
             raise DataError(f'{where} is not marked complete')
         if dtype != 'F16' or len(shape) != 3 or 0 in shape:

@@ -13,9 +13,7 @@ Live mode needs ROS: malmm_ros.ros.live_eval.
 from __future__ import annotations
 
 from malmm_ros.evaluation.feature_scores import (
-    ProtocolSettings,
     feature_segment_scores,
-    protocol_from_checkpoint,
 )
 from malmm_ros.evaluation.modes import (
     AnnotationContext,
@@ -42,7 +40,6 @@ from malmm_ros.evaluation.scoring import (
     prediction_at,
     score_segments,
     segment_metrics,
-    top_pairs,
 )
 from malmm_ros.evaluation.submission import submission, write_submission
 from malmm_ros.evaluation.timeline import Timeline, bag_timeline, timeline_from_predictions
@@ -52,7 +49,6 @@ __all__ = [
     'AnnotationContext',
     'Checkpoint',
     'Evaluation',
-    'ProtocolSettings',
     'ScoreRows',
     'SegmentScores',
     'Timeline',
@@ -67,12 +63,10 @@ __all__ = [
     'node_config',
     'open_checkpoint',
     'prediction_at',
-    'protocol_from_checkpoint',
     'score_segments',
     'segment_metrics',
     'submission',
     'timeline_from_predictions',
-    'top_pairs',
     'video_segments',
     'write_metrics',
     'write_report',

@@ -31,17 +31,16 @@ from malmm_ros.data.epic import (
     samples_from_segments,
 )
 from malmm_ros.data.features import FeatureStore
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.errors import CheckpointError, ConfigError, DataError
 from malmm_ros.evaluation.feature_scores import (
-    ProtocolSettings,
     feature_segment_scores,
-    protocol_from_checkpoint,
 )
 from malmm_ros.evaluation.report import Evaluation, latency_summary
 from malmm_ros.evaluation.scoring import TOP_PAIRS, score_segments, segment_metrics
 from malmm_ros.evaluation.timeline import Timeline, bag_timeline
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.checkpoint import is_trained, load_checkpoint, read_checkpoint_metadata
+from malmm_ros.protocol import Protocol
 
 __all__ = ['AnnotationContext', 'Checkpoint', 'evaluate_direct', 'evaluate_features',
            'evaluate_timeline', 'load_annotations', 'node_config', 'open_checkpoint',
@@ -57,7 +56,7 @@ class Checkpoint:
     path: Path
     metadata: dict[str, Any]
     labels: LabelMaps
-    protocol: ProtocolSettings
+    protocol: Protocol
 
     @property
     def trained(self) -> bool:
@@ -82,15 +81,10 @@ def open_checkpoint(path: str | os.PathLike, **overrides: Any) -> Checkpoint:
     except (DataError, TypeError, ValueError) as exc:
         raise CheckpointError(f'checkpoint {path}: bad labels: {exc}') from None
     try:
-        protocol = protocol_from_checkpoint(metadata, **overrides)
+        protocol = Protocol.from_metadata(metadata, **overrides)
     except CheckpointError as exc:
         raise CheckpointError(f'checkpoint {path}: {exc}') from None
     return Checkpoint(path, metadata, labels, protocol)
-
-
-def _trained(checkpoint: Checkpoint, name: str) -> Any:
-    info = checkpoint.metadata.get('training') or {}
-    return info.get(name)
 
 
 def node_config(source: str | os.PathLike | None, checkpoint: Checkpoint, *,
@@ -110,7 +104,7 @@ def node_config(source: str | os.PathLike | None, checkpoint: Checkpoint, *,
         if explicit is not None:
             changes[name] = explicit
             continue
-        trained = _trained(checkpoint, name)
+        trained = Protocol.stored(checkpoint.metadata).get(name)
         if trained is not None and trained != getattr(config, name):
             raise ConfigError(
                 f'{where}: {name} is {getattr(config, name)!r} but checkpoint '

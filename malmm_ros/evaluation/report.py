@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from malmm_ros.data.epic import action_label_indices
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.evaluation.scoring import SegmentScores
+from malmm_ros.files import atomic_write
+from malmm_ros.labels import LabelMaps, action_ids
 from malmm_ros.metrics import per_class_topk_recall, topk_indices
 
 __all__ = ['EVAL_FORMAT', 'Evaluation', 'latency_summary', 'metric_gap', 'write_metrics',
@@ -112,10 +113,7 @@ def _json_default(value: Any) -> Any:
 def write_metrics(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write a metrics record as indented JSON (atomically)."""
     path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(record, indent=2, default=_json_default) + '\n')
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(record, indent=2, default=_json_default) + '\n')
 
 
 # --- plots --------------------------------------------------------------------------------------
@@ -142,7 +140,7 @@ def _task_arrays(evaluation: Evaluation, task: str
         return rows.noun, nouns, nouns
     actions = action_label_indices(samples, [tuple(p) for p in rows.action_pairs])
     scores = rows.action if rows.action.shape[1] else np.zeros((len(samples), 1), np.float32)
-    return scores, actions, verbs * 1000 + nouns  # official action ids
+    return scores, actions, action_ids(verbs, nouns)
 
 
 def _class_name(labels: LabelMaps, task: str, class_id: int) -> str:

@@ -21,12 +21,12 @@ import numpy as np
 
 from malmm_ros.data.epic import AnticipationSample, action_label_indices
 from malmm_ros.data.features import TIME_TOLERANCE_S
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.errors import DataError
+from malmm_ros.labels import LabelMaps, top_pairs
 from malmm_ros.metrics import anticipation_metrics
 
 __all__ = ['TOP_PAIRS', 'ScoreRows', 'SegmentScores', 'prediction_at', 'score_segments',
-           'segment_metrics', 'top_pairs']
+           'segment_metrics']
 
 # Pairs kept per prediction when actions are scored as p(verb) * p(noun): what the challenge
 # submission asks for (its top-100 actions), and far more than top-5 metrics read.
@@ -75,8 +75,9 @@ class ScoreRows:
             pairs = np.array([(a.verb_id, a.noun_id) for a in labels.actions],
                              dtype=np.int64).reshape(-1, 2)
             return cls(verb, noun, np.asarray(action, dtype=np.float32), pairs)
-        return cls.from_sparse(verb, noun, [top_pairs(v, n) for v, n in zip(verb, noun,
-                                                                             strict=True)])
+        return cls.from_sparse(verb, noun, [
+            {(v_id, n_id): score for v_id, n_id, score in top_pairs(v, n, TOP_PAIRS)}
+            for v, n in zip(verb, noun, strict=True)])
 
     @classmethod
     def from_sparse(cls, verb: np.ndarray, noun: np.ndarray,
@@ -123,21 +124,6 @@ class ScoreRows:
         return ScoreRows(np.concatenate([p.verb for p in parts]),
                          np.concatenate([p.noun for p in parts]), np.concatenate(actions),
                          np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
-
-
-def top_pairs(verb: np.ndarray, noun: np.ndarray, k: int = TOP_PAIRS
-              ) -> dict[tuple[int, int], float]:
-    """The k best (verb, noun) pairs of p(verb) * p(noun) for one prediction.
-
-    The best k pairs only involve the k best verbs and the k best nouns, so a k x k product
-    suffices.
-    """
-    verbs = np.argsort(-verb, kind='stable')[:k]
-    nouns = np.argsort(-noun, kind='stable')[:k]
-    product = verb[verbs][:, None] * noun[nouns][None, :]
-    flat = np.argsort(-product.reshape(-1), kind='stable')[:k]
-    return {(int(verbs[i // len(nouns)]), int(nouns[i % len(nouns)])):
-            float(product.reshape(-1)[i]) for i in flat}
 
 
 def prediction_at(times_s: np.ndarray, query_s: np.ndarray) -> np.ndarray:

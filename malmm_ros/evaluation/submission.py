@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from malmm_ros.evaluation.scoring import SegmentScores
+from malmm_ros.files import atomic_write
 
 __all__ = ['CHALLENGE', 'SUBMISSION_ACTIONS', 'SUBMISSION_VERSION', 'submission',
            'write_submission']
@@ -83,8 +84,4 @@ def write_submission(path: str | os.PathLike, scores: SegmentScores, *, sls_pt: 
     """Write the submission JSON (atomically: a temporary file, then renamed)."""
     path = Path(path)
     data = submission(scores, sls_pt=sls_pt, sls_tl=sls_tl, sls_td=sls_td)
-    tmp = path.with_name(path.name + '.tmp')
-    with tmp.open('w', encoding='utf-8') as handle:
-        json.dump(data, handle, separators=(',', ':'))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(data, separators=(',', ':'), allow_nan=False))

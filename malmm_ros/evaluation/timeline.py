@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from malmm_ros.config import AnticipateConfig
 from malmm_ros.data.bags import bag_info, image_topics, iter_camera_messages
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.errors import DataError, FrameError
 from malmm_ros.evaluation.scoring import ScoreRows
-from malmm_ros.pipeline.anticipation import AnticipationPipeline
+from malmm_ros.labels import LabelMaps
+from malmm_ros.pipeline.anticipation import AnticipationPipeline, StepScores
 from malmm_ros.pipeline.prediction import SCHEMA
+from malmm_ros.stamps import stamp_ns
 
 __all__ = ['Timeline', 'bag_timeline', 'timeline_from_predictions']
 
@@ -94,11 +95,7 @@ def bag_timeline(bag: str | os.PathLike, config: AnticipateConfig, *, topic: str
     info = bag_info(bag)
     total = (info['topics'][topic]['count'] if topic in info['topics']
              else sum(t['count'] for name, t in info['topics'].items() if name in topics))
-    stamps: list[int] = []
-    verbs: list[np.ndarray] = []
-    nouns: list[np.ndarray] = []
-    actions: list[np.ndarray] | None = []
-    latency: list[float] = []
+    collected = _Predictions()
     stats = {'frames': 0, 'sampled': 0, 'bad_frames': 0, 'predictions': 0, 'resets': 0}
     first_ns: int | None = None
     last_ns: int | None = None
@@ -132,33 +129,46 @@ def bag_timeline(bag: str | os.PathLike, config: AnticipateConfig, *, topic: str
                 continue
             scores = pipeline.scores()
             assert scores is not None  # a prediction implies a step
-            stamps.append(stamp)
-            verbs.append(scores.verb)
-            nouns.append(scores.noun)
-            if scores.action is None:
-                actions = None
-            elif actions is not None:
-                actions.append(scores.action)
-            latency.append(prediction.latency_ms.get('total', float('nan')))
+            collected.add(stamp, scores, prediction.latency_ms.get('total', float('nan')))
     finally:
         bar.close()
     if first_ns is None:
         raise DataError(f'{bag}: the image topic holds no messages')
-    stats['predictions'] = len(stamps)
-    stats['resets'] = pipeline.stats['resets']
-    stats['wall_s'] = round(time.perf_counter() - began, 3)
-    stats['first_stamp_ns'] = first_ns
-    stats['last_stamp_ns'] = last_ns
-    labels = pipeline.labels
-    if stamps:
-        rows = ScoreRows.from_dense(np.stack(verbs), np.stack(nouns),
-                                    np.stack(actions) if actions else None, labels)
-    else:
-        rows = ScoreRows.empty(labels.num_verbs, labels.num_nouns)
     origin = first_ns if video_start_ns is None else int(video_start_ns)
-    stats['last_frame_s'] = (last_ns - origin) / 1e9
-    return Timeline(_video_times(stamps, origin), np.asarray(stamps, dtype=np.int64), rows,
-                    origin, np.asarray(latency, dtype=np.float64), stats)
+    stats.update(predictions=len(collected.stamps), resets=pipeline.stats['resets'],
+                 wall_s=round(time.perf_counter() - began, 3), first_stamp_ns=first_ns,
+                 last_stamp_ns=last_ns, last_frame_s=(last_ns - origin) / 1e9)
+    return Timeline(_video_times(collected.stamps, origin),
+                    np.asarray(collected.stamps, dtype=np.int64), collected.rows(pipeline.labels),
+                    origin, np.asarray(collected.latency, dtype=np.float64), stats)
+
+
+class _Predictions:
+    """Every prediction of a direct run: stamps, full scores and latency, in order."""
+
+    def __init__(self) -> None:
+        self.stamps: list[int] = []
+        self.latency: list[float] = []
+        self._verbs: list[np.ndarray] = []
+        self._nouns: list[np.ndarray] = []
+        self._actions: list[np.ndarray] | None = []  # None: no action head (pairs instead)
+
+    def add(self, stamp_ns: int, scores: StepScores, latency_ms: float) -> None:
+        self.stamps.append(stamp_ns)
+        self.latency.append(latency_ms)
+        self._verbs.append(scores.verb)
+        self._nouns.append(scores.noun)
+        if scores.action is None:
+            self._actions = None
+        elif self._actions is not None:
+            self._actions.append(scores.action)
+
+    def rows(self, labels: LabelMaps) -> ScoreRows:
+        if not self.stamps:
+            return ScoreRows.empty(labels.num_verbs, labels.num_nouns)
+        actions = np.stack(self._actions) if self._actions else None
+        return ScoreRows.from_dense(np.stack(self._verbs), np.stack(self._nouns), actions,
+                                    labels)
 
 
 def _class_row(entries: Any, size: int, kind: str, where: str) -> np.ndarray:
@@ -179,9 +189,8 @@ def _class_row(entries: Any, size: int, kind: str, where: str) -> np.ndarray:
 
 def _stamp_ns(message: Mapping[str, Any], where: str) -> int:
     try:
-        stamp = message['stamp']
-        return int(stamp['sec']) * 1_000_000_000 + int(stamp['nanosec'])
-    except (KeyError, TypeError, ValueError):
+        return stamp_ns(message['stamp'])
+    except (KeyError, TypeError, ValueError, FrameError):
         raise DataError(f'{where}: no valid "stamp" {{sec, nanosec}}') from None
 
 

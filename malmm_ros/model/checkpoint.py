@@ -26,8 +26,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from malmm_ros.config import AnticipateConfig, ModelConfig, model_preset
-from malmm_ros.data.labels import LabelMaps, load_class_csv
 from malmm_ros.errors import CheckpointError, ConfigError, DataError
+from malmm_ros.files import json_metadata, write_atomically
+from malmm_ros.labels import LabelMaps, load_class_csv
 from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.model.text import TextProjector
 
@@ -67,9 +68,8 @@ def save_checkpoint(
         metadata[_PROJECTOR_KEY] = text_projector.metadata()
         tensors.update({TEXT_PROJECTOR_PREFIX + name: t.detach().float().cpu().contiguous()
                         for name, t in text_projector.state_dict().items()})
-    tmp = path.with_name(path.name + '.tmp')
-    save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(metadata)})
-    os.replace(tmp, path)
+    with write_atomically(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_HEADER_KEY: json.dumps(metadata)})
     return path
 
 
@@ -122,18 +122,9 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f'checkpoint {path} is not a readable safetensors file: {exc}'
                               ) from None
-    if _HEADER_KEY not in header:
-        raise CheckpointError(f'checkpoint {path} has no malmm_ros metadata; was it written by '
-                              'malmm_ros.model.checkpoint.save_checkpoint?')
-    try:
-        metadata = json.loads(header[_HEADER_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f'checkpoint {path}: metadata is not valid JSON ({exc})') from None
-    if not isinstance(metadata, dict) or metadata.get('format') != CHECKPOINT_FORMAT:
-        found = metadata.get('format') if isinstance(metadata, dict) else type(metadata).__name__
-        raise CheckpointError(f'checkpoint {path}: format {found!r}, expected '
-                              f'{CHECKPOINT_FORMAT!r}')
-    return metadata
+    return json_metadata(header, key=_HEADER_KEY, expected_format=CHECKPOINT_FORMAT,
+                         where=f'checkpoint {path}', error=CheckpointError,
+                         missing='was it written by malmm_ros.model.checkpoint.save_checkpoint?')
 
 
 def load_checkpoint(

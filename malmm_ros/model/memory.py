@@ -10,88 +10,19 @@ weighted mean whose weights sum to one commutes with an affine map.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from malmm_ros.errors import ConfigError
+
 __all__ = [
     'BankRows',
     'MemoryBank',
+    'MemorySpec',
     'StreamMemory',
-    'memory_bank_compress',
-    'merge_adjacent_slots',
-    'most_similar_adjacent_pair',
 ]
-
-
-def most_similar_adjacent_pair(bank: torch.Tensor) -> torch.Tensor:
-    """Index k of the most cosine-similar adjacent slot pair (k, k+1), per batch and position.
-
-    bank: [B, T, N, C] with T >= 2. Returns [B, N] int64. Ties go to the earliest pair.
-    """
-    unit = F.normalize(bank, dim=-1, eps=1e-12)
-    similarity = (unit[:, :-1] * unit[:, 1:]).sum(dim=-1)  # (B, T-1, N)
-    return similarity.argmax(dim=1)
-
-
-def merge_adjacent_slots(
-    values: torch.Tensor, counts: torch.Tensor, k: torch.Tensor
-) -> torch.Tensor:
-    """Merge slots k and k+1 of `values` into their count-weighted mean, per (batch, position).
-
-    values: [B, T, N, *]; counts: [B, T, N] (frames already merged into each slot); k: [B, N].
-    Returns [B, T-1, N, *]: slots before k unchanged, the merged slot at k, later slots shifted.
-    """
-    batch, slots, positions = counts.shape
-    tail = values.shape[3:]
-    slot = torch.arange(slots - 1, device=values.device).view(1, -1, 1)  # (1, T-1, 1)
-    k_b = k.unsqueeze(1)  # (B, 1, N)
-    source = slot + (slot > k_b).long()  # (B, T-1, N): which old slot lands in each new slot
-    expand = source.view(batch, slots - 1, positions, *([1] * len(tail))).expand(
-        batch, slots - 1, positions, *tail
-    )
-    shifted = values.gather(1, expand)
-
-    index = k_b.view(batch, 1, positions, *([1] * len(tail))).expand(batch, 1, positions, *tail)
-    first = values.gather(1, index)  # (B, 1, N, *)
-    second = values.gather(1, index + 1)
-    c_first = counts.gather(1, k_b).to(values.dtype)  # (B, 1, N)
-    c_second = counts.gather(1, k_b + 1).to(values.dtype)
-    total = c_first + c_second
-    w_second = (c_second / total).view(batch, 1, positions, *([1] * len(tail)))
-    merged = first + w_second * (second - first)  # exact when the slots are equal
-    at_k = (slot == k_b).view(batch, slots - 1, positions, *([1] * len(tail)))
-    return torch.where(at_k, merged, shifted)
-
-
-def _merge_counts(counts: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Counts after merging slots k and k+1: the two counts add, later slots shift left."""
-    slots = counts.shape[1]
-    slot = torch.arange(slots - 1, device=counts.device).view(1, -1, 1)
-    k_b = k.unsqueeze(1)
-    shifted = counts.gather(1, slot.expand(counts.shape[0], -1, counts.shape[2]) + (slot > k_b))
-    summed = counts.gather(1, k_b) + counts.gather(1, k_b + 1)
-    return torch.where(slot == k_b, summed, shifted)
-
-
-def memory_bank_compress(
-    bank: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MBC step: bank [B, T, N, C], counts [B, T, N] -> [B, T-1, N, C], [B, T-1, N].
-
-    For every (b, n) the most similar adjacent pair is merged into its count-weighted mean
-    (the public MA-LMM code's rule); counts add, so each position's counts still sum to the
-    number of frames seen.
-    """
-    if bank.dim() != 4 or counts.shape != bank.shape[:3]:
-        raise ValueError(
-            f'bank must be [B,T,N,C] and counts [B,T,N]; got {tuple(bank.shape)} and '
-            f'{tuple(counts.shape)}'
-        )
-    if bank.shape[1] < 2:
-        raise ValueError(f'cannot compress a bank of {bank.shape[1]} slot(s)')
-    k = most_similar_adjacent_pair(bank)
-    return merge_adjacent_slots(bank, counts, k), _merge_counts(counts, k)
 
 
 class MemoryBank:
@@ -451,8 +382,31 @@ def _expand(slots: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.T
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity over the last dim, computed exactly as `most_similar_adjacent_pair`."""
+    """Cosine similarity over the last dim, computed exactly as the functional MBC reference of
+    the tests (test/support/mbc_reference.py)."""
     return (F.normalize(a, dim=-1, eps=1e-12) * F.normalize(b, dim=-1, eps=1e-12)).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """How one stream's memory behaves, passed whole to every layer that builds one.
+
+    The node runs MemorySpec(memory_bank_length): MBC over both kinds of bank, projections
+    cached. The other values exist for the memory ablation (bench/memory_ablation.py) and for
+    comparisons.
+    """
+
+    capacity: int | None  # M: slots of every bank; None never compresses (a baseline)
+    policy: str = 'mbc'  # over capacity: 'mbc' merges the most similar pair; 'fifo' drops one
+    query_memory: bool = True  # False: no query banks (self-attention: current queries only)
+    cache_projections: bool = True  # keep stored frames' keys/values; False: recompute them
+
+    def __post_init__(self) -> None:
+        if self.policy not in MemoryBank.POLICIES:
+            raise ConfigError(f'memory policy must be one of {list(MemoryBank.POLICIES)}, got '
+                              f'{self.policy!r}')
+        if self.capacity is not None and (isinstance(self.capacity, bool) or self.capacity < 1):
+            raise ConfigError(f'memory capacity must be >= 1 or None, got {self.capacity!r}')
 
 
 class StreamMemory:
@@ -462,33 +416,22 @@ class StreamMemory:
     every bank together (the public code resets query banks on a frame counter instead).
     The per-layer query banks live stacked in `query_bank` (one compression call per step for
     all layers); `queries[l]` shows layer l's bank on its own.
-    `policy` and `query_memory` exist for the memory ablation (bench/memory_ablation.py); the
-    node always runs MBC with both banks.
-    With cache_projections the banks also keep each attention layer's key/value projections of
-    stored frames; without it every step recomputes them, as the public code does.
+    `spec` says how it behaves (MemorySpec). With spec.cache_projections the banks also keep
+    each attention layer's key/value projections of stored frames (`visual_fields`,
+    `query_fields`: name -> width); without it every step recomputes them, as the public code
+    does.
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        capacity: int | None,
-        *,
-        visual_fields: Mapping[str, int] | None = None,
-        query_fields: Mapping[str, int] | None = None,
-        cache_projections: bool = True,
-        policy: str = 'mbc',
-        query_memory: bool = True,
-    ) -> None:
-        self.visual = MemoryBank(capacity, visual_fields if cache_projections else None,
-                                 policy=policy)
-        self.query_bank = MemoryBank(capacity, query_fields if cache_projections else None,
-                                     groups=num_layers, policy=policy)
+    def __init__(self, num_layers: int, spec: MemorySpec, *,
+                 visual_fields: Mapping[str, int] | None = None,
+                 query_fields: Mapping[str, int] | None = None) -> None:
+        cached = spec.cache_projections
+        self.spec = spec
+        self.visual = MemoryBank(spec.capacity, visual_fields if cached else None,
+                                 policy=spec.policy)
+        self.query_bank = MemoryBank(spec.capacity, query_fields if cached else None,
+                                     groups=num_layers, policy=spec.policy)
         self.queries = [self.query_bank.rows(layer) for layer in range(num_layers)]
-        self.capacity = capacity
-        self.cache_projections = cache_projections
-        self.policy = policy
-        # False: self-attention sees only the current queries (the visual-bank-only ablation).
-        self.query_memory = query_memory
         self.frames_seen = 0
 
     def reset(self) -> None:

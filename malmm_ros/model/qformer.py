@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malmm_ros.config import ModelConfig
-from malmm_ros.model.memory import MemoryBank, StreamMemory
+from malmm_ros.model.memory import MemoryBank, MemorySpec, StreamMemory
 from malmm_ros.model.time_encoding import RelativeTimeBias, age_buckets
 
 __all__ = ['FeedForward', 'MemoryAttention', 'MemoryQFormer', 'QFormerLayer']
@@ -117,24 +117,16 @@ class MemoryQFormer(nn.Module):
         self.embed_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
         self.layers = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_layers))
 
-    def new_memory(self, capacity: int | None, *, cache_projections: bool = True,
-                   policy: str = 'mbc', query_memory: bool = True) -> StreamMemory:
-        """An empty memory shaped for this Q-Former (capacity None: never compress)."""
+    def new_memory(self, spec: MemorySpec) -> StreamMemory:
+        """An empty memory shaped for this Q-Former."""
         width = self.config.hidden_size
         visual_fields = {}
         for layer in self.layers:
             if layer.cross_attention is not None:
                 name = layer.cross_attention.cache_key
                 visual_fields.update({f'{name}.k': width, f'{name}.v': width})
-        return StreamMemory(
-            self.config.num_layers,
-            capacity,
-            visual_fields=visual_fields,
-            query_fields={'self.k': width, 'self.v': width},
-            cache_projections=cache_projections,
-            policy=policy,
-            query_memory=query_memory,
-        )
+        return StreamMemory(self.config.num_layers, spec, visual_fields=visual_fields,
+                            query_fields={'self.k': width, 'self.v': width})
 
     def step(self, visual: torch.Tensor, now_s: float, memory: StreamMemory) -> torch.Tensor:
         """Process one frame: visual tokens [B, N, encoder_width] at time now_s -> [B, Q, D].
@@ -166,7 +158,7 @@ class MemoryQFormer(nn.Module):
             if layer.cross_attention is not None:
                 hidden = layer.cross_attention(hidden, visual, visual_bank, visual_buckets)
             hidden = layer.feed_forward(hidden)
-        if memory.query_memory:
+        if memory.spec.query_memory:
             query_bank.commit()
         else:
             query_bank.reset()

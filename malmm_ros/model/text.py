@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malmm_ros.errors import CheckpointError, ConfigError
+from malmm_ros.stamps import stamp_dict
 
 __all__ = [
     'DEFAULT_PROMPT',
@@ -107,10 +108,9 @@ class Description:
 
     def to_dict(self) -> dict[str, Any]:
         """The v1 JSON object published on /malmm/description."""
-        sec, nanosec = divmod(self.stamp_ns, 1_000_000_000)
         return {
             'schema': DESCRIPTION_SCHEMA,
-            'stamp': {'sec': sec, 'nanosec': nanosec},
+            'stamp': stamp_dict(self.stamp_ns),
             'frame_id': self.frame_id,
             'text': self.text,
             'num_tokens': self.num_tokens,

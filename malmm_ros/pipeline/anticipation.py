@@ -17,18 +17,19 @@ import numpy as np
 import torch
 
 from malmm_ros.config import AnticipateConfig, TextConfig, load_config
-from malmm_ros.data.labels import LabelMaps
-from malmm_ros.errors import FrameError, OutputError
+from malmm_ros.errors import ConfigError, FrameError, OutputError
+from malmm_ros.imaging import check_image, resize_and_crop
+from malmm_ros.labels import LabelMaps, action_id, top_pairs
 from malmm_ros.model.checkpoint import (
     checkpoint_is_trained,
     load_checkpoint,
     read_checkpoint_metadata,
     untrained_model,
 )
-from malmm_ros.model.encoder import check_image, resize_and_crop
-from malmm_ros.model.heads import verb_noun_action_topk
+from malmm_ros.model.memory import MemorySpec
 from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
 from malmm_ros.pipeline.sampler import Admission, StreamSampler
+from malmm_ros.protocol import Protocol
 from malmm_ros.runtime import create_encoder
 
 __all__ = ['AnticipationPipeline', 'StepScores']
@@ -77,10 +78,8 @@ class AnticipationPipeline:
             _log.warning('no checkpoint configured: the anticipation heads are untrained and '
                          'their predictions are meaningless (set "checkpoint")')
         self.labels: LabelMaps = self.model.labels
-        self.memory = self.model.new_memory(
-            config.memory_bank_length,
-            cache_projections=not config.model.recompute_projections,
-        )
+        self.memory = self.model.new_memory(MemorySpec(
+            config.memory_bank_length, cache_projections=not config.model.recompute_projections))
         # The one sampling stage (the node and the evaluator call its admit() themselves,
         # before decoding, and hand the verdict to push()).
         self.sampler = StreamSampler(config.sample_fps, config.max_gap_s)
@@ -126,15 +125,20 @@ class AnticipationPipeline:
                                'max_image_side', 'num_threads'}
                               | {f'text.{name}' for name in TextConfig.__dataclass_fields__})
 
+    def rebuild_settings(self, config: AnticipateConfig) -> list[str]:
+        """The settings of `config` that differ from this pipeline's and need a new pipeline
+        (the model, the encoder, the memory); empty when `apply_settings` can take it."""
+        old, new = self.config.to_parameters(), config.to_parameters()
+        return sorted(k for k in new if new[k] != old[k] and k not in self.LIVE_SETTINGS)
+
     def apply_settings(self, config: AnticipateConfig) -> None:
         """Take new values of LIVE_SETTINGS without touching the model or the memory.
 
-        Raises ValueError if anything else differs: such changes need a new pipeline.
+        ConfigError if anything else differs (`rebuild_settings`): that needs a new pipeline.
         """
-        old, new = self.config.to_parameters(), config.to_parameters()
-        others = sorted(k for k in new if new[k] != old[k] and k not in self.LIVE_SETTINGS)
+        others = self.rebuild_settings(config)
         if others:
-            raise ValueError(f'{", ".join(others)} cannot change on a running pipeline')
+            raise ConfigError(f'{", ".join(others)} cannot change on a running pipeline')
         self.sampler.set_rates(config.sample_fps, config.max_gap_s)
         if config.threads() != self.config.threads():
             torch.set_num_threads(config.threads())
@@ -266,13 +270,11 @@ class AnticipationPipeline:
 
     def _top_actions_from_pairs(self, verb_p: torch.Tensor, noun_p: torch.Tensor
                                 ) -> tuple[ActionScore, ...]:
-        scores, verb_ids, noun_ids = verb_noun_action_topk(verb_p[None], noun_p[None], TOP_K)
-        out = []
-        for score, v, n in zip(scores[0].tolist(), verb_ids[0].tolist(), noun_ids[0].tolist(),
-                               strict=True):
-            name = f'{self.labels.verb_name(v)} {self.labels.noun_name(n)}'
-            out.append(ActionScore(v * 1000 + n, v, n, name, score))
-        return tuple(out)
+        pairs = top_pairs(verb_p.cpu().numpy(), noun_p.cpu().numpy(), TOP_K)
+        labels = self.labels
+        return tuple(ActionScore(action_id(v, n), v, n,
+                                 f'{labels.verb_name(v)} {labels.noun_name(n)}', score)
+                     for v, n, score in pairs)
 
 
 def _top_classes(probs: torch.Tensor, name_of: Any) -> tuple[ClassScore, ...]:
@@ -287,11 +289,11 @@ def _protocol_mismatches(config: AnticipateConfig) -> list[str]:
     Not an error (experimenting with M or the rate is legitimate), but the model then meets a
     memory it never saw in training, so it is said once at start.
     """
-    training = read_checkpoint_metadata(config.checkpoint).get('training', {})
+    stored = Protocol.stored(read_checkpoint_metadata(config.checkpoint))
     out = []
     for key, value in (('memory_bank_length', config.memory_bank_length),
                        ('sample_fps', config.sample_fps)):
-        trained = training.get(key)
+        trained = stored.get(key)
         if isinstance(trained, int | float) and not isinstance(trained, bool) and \
                 float(trained) != float(value):
             out.append(f'{key} is {value} but checkpoint {config.checkpoint} was trained with '

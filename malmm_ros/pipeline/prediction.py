@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from malmm_ros.stamps import stamp_dict
+
 __all__ = ['SCHEMA', 'ActionScore', 'ClassScore', 'Prediction']
 
 SCHEMA = 'malmm_ros/actions/v1'
@@ -50,10 +52,9 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         """The v1 JSON object published on /malmm/actions."""
-        sec, nanosec = divmod(self.stamp_ns, 1_000_000_000)
         return {
             'schema': SCHEMA,
-            'stamp': {'sec': sec, 'nanosec': nanosec},
+            'stamp': stamp_dict(self.stamp_ns),
             'frame_id': self.frame_id,
             'frames_seen': self.frames_seen,
             'memory_slots': self.memory_slots,

@@ -1,8 +1,9 @@
 """malmm_anticipate: camera frames in, next-action predictions out on malmm/actions.
 
-The image callback only samples by stamp and hands the newest frame to a keep-latest slot; a
-worker thread decodes, runs the pipeline and publishes, so a slow step never queues stale frames
-and never blocks the executor. Everything model-related lives in malmm_ros.pipeline.
+The image callback only asks the pipeline's sampler about the frame and hands the newest one to
+a keep-latest slot; a worker thread decodes, runs the pipeline and publishes, so a slow step
+never queues stale frames and never blocks the executor. This module converts messages, owns
+the threads and publishes; the model, its memory and the sampling live in malmm_ros.pipeline.
 With text.enabled, every n-th prediction's query outputs also go to a describer on a thread of
 its own (ros/description_worker.py), which publishes malmm/description; it never delays
 malmm/actions.
@@ -10,12 +11,10 @@ malmm/actions.
 
 from __future__ import annotations
 
-import difflib
 import json
 import sys
 import threading
 import time
-from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -29,13 +28,13 @@ from std_srvs.srv import Trigger
 
 from malmm_ros.config import AnticipateConfig, field_specs
 from malmm_ros.errors import ConfigError, FrameError, MalmmError, OutputError
+from malmm_ros.imaging import decode_compressed, decode_image, encode_bgr8
 from malmm_ros.model.checkpoint import load_text_projector
 from malmm_ros.model.text import Description, GenerationOptions, TextDescriber
 from malmm_ros.pipeline import AnticipationPipeline, Prediction
 from malmm_ros.pipeline.sampler import Admission
 from malmm_ros.ros.description_worker import DescriptionWorker
-from malmm_ros.ros.diagnostics import NodeStats, diagnostic_array
-from malmm_ros.ros.image_codec import decode_compressed, decode_image, encode_bgr8
+from malmm_ros.ros.diagnostics import NodeStats, diagnostic_array, starved_message
 from malmm_ros.ros.latest_slot import LatestSlot
 from malmm_ros.ros.log_bridge import route_core_logging
 from malmm_ros.ros.overlay import draw_overlay
@@ -43,58 +42,18 @@ from malmm_ros.ros.parameters import (
     READ_ONLY,
     config_from_parameters,
     declare_config_parameters,
+    refuse_unknown_parameters,
 )
+from malmm_ros.stamps import stamp_ns
 
 __all__ = ['AnticipateNode', 'main', 'run']
 
 THROTTLE_S = 5.0
 
 
-def _stamp_ns(msg: Image | CompressedImage) -> int:
-    """The header stamp in ns; FrameError for a stamp that is not a time (nanosec >= 1e9)."""
-    stamp = msg.header.stamp
-    if not 0 <= stamp.nanosec < 1_000_000_000 or stamp.sec < 0:
-        raise FrameError(f'header stamp {stamp.sec} s {stamp.nanosec} ns is not a valid time '
-                         '(nanosec must be below 1e9)')
-    return stamp.sec * 1_000_000_000 + stamp.nanosec
-
-
-def _check_paths(config: AnticipateConfig) -> None:
-    """ConfigError naming the absolute path of a configured file or folder that is missing
-    (a relative path is read from the node's working directory, which is easy to get wrong)."""
-    paths = {'checkpoint': config.checkpoint, 'labels.verb_classes': config.labels.verb_classes,
-             'labels.noun_classes': config.labels.noun_classes}
-    if config.text.enabled:
-        paths['text.model_path'] = config.text.model_path
-    for name, value in paths.items():
-        if value and not Path(value).expanduser().exists():
-            raise ConfigError(f'{name} {value!r}: {Path(value).expanduser().resolve()} does not '
-                              'exist')
-
-
 def _pipeline(config: AnticipateConfig) -> AnticipationPipeline:
-    _check_paths(config)
+    config.check_files(text=True)  # a missing file: one line naming its absolute path
     return AnticipationPipeline(config)
-
-
-# Parameters rclpy declares itself, besides `qos_overrides.*`.
-_ROS_PARAMETERS = frozenset({'use_sim_time', 'start_type_description_service'})
-
-
-def _unknown_parameters(node: Node) -> list[str]:
-    """Names given by --params-file or -p that no declared parameter has, with a suggestion.
-
-    rclpy keeps overrides for undeclared names and silently ignores them; a typo would run
-    the node on defaults. (`_parameter_overrides` is rclpy's only record of them.)
-    """
-    declared = set(node._parameters) | _ROS_PARAMETERS
-    names = sorted(name for name in getattr(node, '_parameter_overrides', {})
-                   if name not in declared and not name.startswith('qos_overrides.'))
-    out = []
-    for name in names:
-        close = difflib.get_close_matches(name, field_specs(), n=1)
-        out.append(f'{name}; did you mean {close[0]}?' if close else name)
-    return out
 
 
 def _describer(config: AnticipateConfig) -> TextDescriber | None:
@@ -118,9 +77,7 @@ class AnticipateNode(Node):
         route_core_logging(self.get_logger())
         self.get_logger().info(dds_note)
         self.config = declare_config_parameters(self)
-        unknown = _unknown_parameters(self)
-        if unknown:
-            raise ConfigError('unknown parameter ' + '; unknown parameter '.join(unknown))
+        refuse_unknown_parameters(self)
         self.pipeline = _pipeline(self.config)
         describer = _describer(self.config)  # a bad text.model_path stops the node here
         self.slot = LatestSlot()
@@ -188,7 +145,7 @@ class AnticipateNode(Node):
             self.stats.frames_in += 1
             self.stats.last_frame_time = arrival * 1e-9
         try:
-            stamp = _stamp_ns(msg)
+            stamp = stamp_ns(msg.header.stamp)
         except FrameError as exc:
             self._bad_frame(exc)
             return
@@ -235,23 +192,25 @@ class AnticipateNode(Node):
         new = config.to_parameters()
         reload_text = any(old[name] != new[name] for name in _DESCRIBER_SETTINGS)
         describer = self.text.describer
+        rebuilt = self.pipeline.rebuild_settings(config)
         try:
-            if reload_text:  # loaded before anything changes: a refusal leaves all as it was
+            # Everything is loaded before anything changes (a refusal leaves all as it was),
+            # and outside the lock, so inference goes on while a new model loads.
+            if reload_text:
                 describer = _describer(config)
-            rebuilt = []
-            with self._pipeline_lock:
-                try:
-                    self.pipeline.apply_settings(config)
-                except ValueError:  # a model setting: build the new pipeline, then swap
-                    self.pipeline = _pipeline(config)
-                    rebuilt = sorted(k for k in new if new[k] != old[k])
-                    self._publish_labels()
-                    with self.stats.lock:
-                        self.stats.memory_slots = 0
-                        self.stats.resets += 1
+            pipeline = _pipeline(config) if rebuilt else None
         except MalmmError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
-        if rebuilt:
+        with self._pipeline_lock:
+            if pipeline is None:
+                self.pipeline.apply_settings(config)
+            else:
+                self.pipeline = pipeline
+        if pipeline is not None:
+            self._publish_labels()
+            with self.stats.lock:
+                self.stats.memory_slots = 0
+                self.stats.resets += 1
             self.get_logger().info(f'pipeline rebuilt for {", ".join(rebuilt)} (memory '
                                    f'cleared): {self.pipeline.model_name} on '
                                    f'{self.pipeline.encoder.name}, '
@@ -270,7 +229,9 @@ class AnticipateNode(Node):
         silence = self.stats.silence_s()
         starved = None
         if silence > self.config.stale_after_s:
-            starved = self._starved_message(silence)
+            with self.stats.lock:
+                never = self.stats.last_frame_time is None
+            starved = starved_message(self, self.input_topic, silence, never=never)
             self.get_logger().warning(starved, throttle_duration_sec=THROTTLE_S)
         problem = None
         if sampler.problem:
@@ -286,27 +247,6 @@ class AnticipateNode(Node):
             backend=pipeline.encoder.name, device=self.config.device,
             trained=pipeline.trained, starved=starved, stamp_problem=problem, extra=extra,
             text=self._text_values()))
-
-    def _starved_message(self, silence: float) -> str:
-        """Where the node listens and which image topics the graph has (a wrong remap is the
-        usual reason for silence)."""
-        with self.stats.lock:
-            never = self.stats.last_frame_time is None
-        found: dict[str, list[str]] = {'sensor_msgs/Image': [],
-                                       'sensor_msgs/CompressedImage': []}
-        own = {name for name, _ in self.get_publisher_names_and_types_by_node(
-            self.get_name(), self.get_namespace())}  # malmm/overlay is no camera
-        for name, types in self.get_topic_names_and_types():
-            if name in own or name == self.input_topic and self.count_publishers(name) == 0:
-                continue  # our output, or only our own subscription there
-            for kind in types:
-                short = kind.replace('/msg/', '/')
-                if short in found:
-                    found[short].append(name)
-        listing = '; '.join(f'{kind} topics: {", ".join(names) or "none"}'
-                            for kind, names in found.items())
-        since = ' (none since start)' if never else ''
-        return f'no frames on {self.input_topic} for {silence:.1f} s{since}; {listing}'
 
     # -- worker -----------------------------------------------------------------------------
 
@@ -335,8 +275,8 @@ class AnticipateNode(Node):
                                      bool(msg.is_bigendian), msg.data, max_side=side)
             with self._pipeline_lock:
                 resets_before = self.pipeline.stats['resets']
-                prediction = self.pipeline.push(image, _stamp_ns(msg), msg.header.frame_id,
-                                                admission=admission)
+                prediction = self.pipeline.push(image, stamp_ns(msg.header.stamp),
+                                                msg.header.frame_id, admission=admission)
                 queries = self.pipeline.last_queries  # the step that made `prediction`
                 latency = self.pipeline.last_latency_ms
                 resets = self.pipeline.stats['resets'] - resets_before

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -19,20 +18,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from sensor_msgs.msg import Image
-from std_msgs.msg import String
 
-from malmm_ros.data.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
+from malmm_ros.errors import MalmmError
+from malmm_ros.labels import NOUN_CLASSES_FILE, VERB_CLASSES_FILE
 from malmm_ros.ros.dds_profile import apply_default_profile
-from malmm_ros.ros.processes import stop_process
+from malmm_ros.ros.node_harness import NodeHarness, NodeRecord, node_command, stop_process
+from malmm_ros.stamps import NS_PER_S, stamp_ns
 
 __all__ = ['main']
 
@@ -53,48 +51,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _Watcher:
-    """Subscribes to the camera, predictions, labels and diagnostics; keeps what it saw."""
+def _watch_camera(node: Node) -> dict[int, float]:
+    """Subscribe to the camera as the node does; returns stamp_ns -> monotonic receipt time,
+    filled as frames arrive."""
+    seen: dict[int, float] = {}
 
-    def __init__(self, node: rclpy.node.Node) -> None:
-        self.frame_seen: dict[int, float] = {}  # stamp_ns -> monotonic receipt time
-        self.latest: dict | None = None
-        self.predictions = 0
-        self.end_to_end_ms: list[float] = []
-        self.diagnostics: dict[str, str] = {}
-        self.diagnostic_message = ''
-        node.create_subscription(Image, CAMERA_TOPIC, self.camera_callback,
-                                 qos_profile_sensor_data)
-        node.create_subscription(String, 'malmm/actions', self.actions_callback, 10)
-        node.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics_callback, 10)
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        self.labels: dict | None = None
-        node.create_subscription(String, 'malmm/labels', self.labels_callback, latched)
+    def camera_callback(msg: Image) -> None:
+        seen[stamp_ns(msg.header.stamp)] = time.monotonic()
 
-    def camera_callback(self, msg: Image) -> None:
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-        self.frame_seen[stamp] = time.monotonic()
-
-    def actions_callback(self, msg: String) -> None:
-        self.latest = json.loads(msg.data)
-        self.predictions += 1
-        stamp = self.latest['stamp']['sec'] * 1_000_000_000 + self.latest['stamp']['nanosec']
-        if stamp in self.frame_seen:
-            self.end_to_end_ms.append((time.monotonic() - self.frame_seen[stamp]) * 1e3)
-
-    def labels_callback(self, msg: String) -> None:
-        self.labels = json.loads(msg.data)
-
-    def diagnostics_callback(self, msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            if status.name.startswith('malmm_anticipate'):
-                self.diagnostics = {kv.key: kv.value for kv in status.values}
-                self.diagnostic_message = status.message
+    node.create_subscription(Image, CAMERA_TOPIC, camera_callback, qos_profile_sensor_data)
+    return seen
 
 
-def _prediction_view(watcher: _Watcher) -> Group | Panel:
-    latest = watcher.latest
+def _prediction_view(harness: NodeHarness) -> Group | Panel:
+    latest = harness.latest()
     if latest is None:
         return Panel('waiting for the first prediction on /malmm/actions ...')
     table = Table(expand=True)
@@ -106,11 +76,11 @@ def _prediction_view(watcher: _Watcher) -> Group | Panel:
                                                     latest['action'], fillvalue=blank):
         table.add_row(verb['name'], _score(verb['score'], 3), noun['name'],
                       _score(noun['score'], 3), action['name'], _score(action['score'], 4))
-    stamp = latest['stamp']['sec'] + latest['stamp']['nanosec'] * 1e-9
+    stamp = stamp_ns(latest['stamp']) / NS_PER_S
     latency = latest['latency_ms']
     title = (f'stamp {stamp:.2f}  frames {latest["frames_seen"]}  slots '
              f'{latest["memory_slots"]}  step {latency["total"]:.1f} ms  '
-             f'predictions {watcher.predictions}')
+             f'predictions {harness.count()}')
     parts = [Panel(table, title=title)]
     if not latest['model']['trained']:
         parts.insert(0, Panel('[bold yellow]UNTRAINED heads[/]: no checkpoint is configured, so '
@@ -123,9 +93,10 @@ def _score(value: float | None, digits: int) -> str:
     return '' if value is None else f'{value:.{digits}f}'
 
 
-def _summary(watcher: _Watcher, replay_s: float) -> Table:
-    d = watcher.diagnostics
-    e2e = np.array(watcher.end_to_end_ms) if watcher.end_to_end_ms else None
+def _summary(record: NodeRecord, end_to_end_ms: np.ndarray, replay_s: float) -> Table:
+    d = record.diagnostics
+    e2e = end_to_end_ms[~np.isnan(end_to_end_ms)]
+    e2e = e2e if len(e2e) else None
     table = Table(title='malmm-demo summary')
     table.add_column('measure')
     table.add_column('value', justify='right')
@@ -135,7 +106,7 @@ def _summary(watcher: _Watcher, replay_s: float) -> Table:
         ('frames dropped (node busy)', d.get('dropped', '?')),
         ('bad frames', d.get('bad_frames', '?')),
         ('memory resets', d.get('resets', '?')),
-        ('predictions received', str(watcher.predictions)),
+        ('predictions received', str(len(record.messages))),
         ('step latency p50 / p95 (ms)',
          f'{d.get("step_latency_p50_ms", "?")} / {d.get("step_latency_p95_ms", "?")}'),
         ('end-to-end latency p50 / p95 (ms)',
@@ -147,13 +118,6 @@ def _summary(watcher: _Watcher, replay_s: float) -> Table:
     for name, value in rows:
         table.add_row(name, str(value))
     return table
-
-
-def _spin_for(executor: SingleThreadedExecutor, seconds: float) -> None:
-    """Handle every callback that arrives for `seconds` (one spin_once handles just one)."""
-    end = time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
-        executor.spin_once(timeout_sec=min(left, 0.02))
 
 
 def _class_files(labels_dir: str | None) -> tuple[Path, Path] | None:
@@ -168,10 +132,50 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def _label_parameters(labels_dir: str | None, console: Console) -> list[str]:
+    """The node's class-name parameters, or none (and a word on what to do) without them."""
+    class_files = _class_files(labels_dir)
+    if class_files is not None:
+        return [f'labels.verb_classes:={class_files[0]}',
+                f'labels.noun_classes:={class_files[1]}']
+    where = Path(labels_dir).resolve() if labels_dir else 'no --labels-dir'
+    console.print(f'[yellow]EK-100 class names not found ({where}: needs '
+                  f'{VERB_CLASSES_FILE} and {NOUN_CLASSES_FILE})[/]: predictions show '
+                  'placeholder names (verb_0, noun_0, ...). Point to your annotations with '
+                  '`make demo EPIC_ANNOTATIONS=/path/to/epic-kitchens-100-annotations` or '
+                  '`malmm-demo --labels-dir DIR`.')
+    return []
+
+
+def _replay(harness: NodeHarness, bag: Path, args: argparse.Namespace, console: Console
+            ) -> tuple[float, int | None]:
+    """Replay the bag into the started node, showing its predictions as they come; (the replay's
+    wall time, its exit code)."""
+    console.print(f'starting malmm-anticipate (log: {args.log}) on ROS_DOMAIN_ID='
+                  f'{os.environ.get("ROS_DOMAIN_ID", "0")}')
+    harness.wait_until(lambda: harness.node.count_subscribers(CAMERA_TOPIC) >= 2,  # its, ours
+                       90, f'the node subscribes to {CAMERA_TOPIC}')
+    replay_proc = subprocess.Popen([_bin('malmm-replay'), str(bag), '--rate', str(args.rate),
+                                    '--topic', CAMERA_TOPIC, '--wait-subscribers', '2'],
+                                   stdout=harness.log, stderr=harness.log)
+    try:
+        start = time.monotonic()
+        with Live(_prediction_view(harness), console=console, auto_refresh=False) as live:
+            while replay_proc.poll() is None:
+                time.sleep(0.25)
+                live.update(_prediction_view(harness), refresh=True)
+            replay_s = time.monotonic() - start
+            harness.settle()  # the last predictions and a fresh diagnostics message
+            live.update(_prediction_view(harness), refresh=True)
+    finally:
+        stop_process(replay_proc)
+    return replay_s, replay_proc.returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     console = Console()
-    # Child processes inherit it; this process reads it at rclpy.init below.
+    # Child processes inherit it; this process reads it when the watcher's context starts.
     console.print(apply_default_profile())
     bag = Path(args.bag)
     if not bag.exists():
@@ -183,72 +187,27 @@ def main(argv: list[str] | None = None) -> int:
         if made.returncode:
             console.print('ERROR: could not write the sample bag')
             return 1
-
-    node_cmd = [_bin('malmm-anticipate'), '--ros-args', '--params-file', args.params_file,
-                '-r', f'image:={CAMERA_TOPIC}']
-    class_files = _class_files(args.labels_dir)
-    if class_files is None:
-        where = Path(args.labels_dir).resolve() if args.labels_dir else 'no --labels-dir'
-        console.print(f'[yellow]EK-100 class names not found ({where}: needs '
-                      f'{VERB_CLASSES_FILE} and {NOUN_CLASSES_FILE})[/]: predictions show '
-                      'placeholder names (verb_0, noun_0, ...). Point to your annotations with '
-                      '`make demo EPIC_ANNOTATIONS=/path/to/epic-kitchens-100-annotations` or '
-                      '`malmm-demo --labels-dir DIR`.')
-    else:
-        node_cmd += ['-p', f'labels.verb_classes:={class_files[0]}',
-                     '-p', f'labels.noun_classes:={class_files[1]}']
+    command = node_command(args.params_file, remaps=[f'image:={CAMERA_TOPIC}'],
+                           params=_label_parameters(args.labels_dir, console))
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    log = open(args.log, 'w')  # noqa: SIM115 - closed in finally
-    node_proc = subprocess.Popen(node_cmd, stdout=log, stderr=subprocess.STDOUT)
-    replay_proc: subprocess.Popen | None = None
-    rclpy.init()
-    watch_node = rclpy.create_node('malmm_demo_watch')
-    executor = SingleThreadedExecutor()
-    executor.add_node(watch_node)
-    watcher = _Watcher(watch_node)
-    replay_s = 0.0
     try:
-        console.print(f'starting malmm-anticipate (log: {args.log}) on ROS_DOMAIN_ID='
-                      f'{os.environ.get("ROS_DOMAIN_ID", "0")}')
-        deadline = time.monotonic() + 90
-        while watch_node.count_subscribers(CAMERA_TOPIC) < 2:  # the node's and ours
-            _spin_for(executor, 0.1)
-            if node_proc.poll() is not None:
-                console.print(f'ERROR: the node exited with code {node_proc.returncode}; see '
-                              f'{args.log}')
-                return 1
-            if time.monotonic() > deadline:
-                console.print('ERROR: the node did not subscribe within 90 s')
-                return 1
-        replay_proc = subprocess.Popen([_bin('malmm-replay'), str(bag), '--rate',
-                                        str(args.rate), '--topic', CAMERA_TOPIC,
-                                        '--wait-subscribers', '2'], stdout=log, stderr=log)
-        start = time.monotonic()
-        with Live(_prediction_view(watcher), console=console, auto_refresh=False) as live:
-            while replay_proc.poll() is None:
-                _spin_for(executor, 0.25)
-                live.update(_prediction_view(watcher), refresh=True)
-            replay_s = time.monotonic() - start
-            _spin_for(executor, 2.5)  # the last predictions and a fresh diagnostics message
-            live.update(_prediction_view(watcher), refresh=True)
-        console.print(_summary(watcher, replay_s))
-        if replay_proc.returncode:
-            console.print(f'ERROR: malmm-replay exited with code {replay_proc.returncode}')
-            return 1
-        if watcher.predictions == 0:
-            console.print(f'ERROR: no prediction arrived on /malmm/actions; see {args.log}')
-            return 1
+        with NodeHarness(command, log=args.log, watcher='malmm_demo_watch') as harness:
+            frame_seen = _watch_camera(harness.node)
+            replay_s, replay_code = _replay(harness, bag, args, console)
+    except MalmmError as exc:  # the node died or did not start; the message has its log
+        console.print(f'ERROR: {exc}', markup=False, highlight=False)
+        return 1
+    except KeyboardInterrupt:
         return 0
-    except (KeyboardInterrupt, ExternalShutdownException):
-        return 0
-    finally:
-        if replay_proc is not None:
-            stop_process(replay_proc)
-        stop_process(node_proc)
-        log.close()
-        executor.shutdown()
-        watch_node.destroy_node()
-        rclpy.try_shutdown()
+    record = harness.record  # complete: the watcher has stopped
+    console.print(_summary(record, record.end_to_end_ms(frame_seen), replay_s))
+    if replay_code:
+        console.print(f'ERROR: malmm-replay exited with code {replay_code}')
+        return 1
+    if not record.messages:
+        console.print(f'ERROR: no prediction arrived on /malmm/actions; see {args.log}')
+        return 1
+    return 0
 
 
 if __name__ == '__main__':

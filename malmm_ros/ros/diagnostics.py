@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-__all__ = ['NodeStats', 'diagnostic_array']
+__all__ = ['NodeStats', 'diagnostic_array', 'starved_message']
 
 
 @dataclass
@@ -95,3 +95,25 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
     array = DiagnosticArray(status=[status])
     array.header.stamp = stamp
     return array
+
+
+IMAGE_TYPES = ('sensor_msgs/Image', 'sensor_msgs/CompressedImage')
+
+
+def starved_message(node: Any, input_topic: str, silence: float, *, never: bool) -> str:
+    """Where the node listens and which image topics the graph has (a wrong remap is the
+    usual reason for silence)."""
+    found: dict[str, list[str]] = {kind: [] for kind in IMAGE_TYPES}
+    own = {name for name, _ in node.get_publisher_names_and_types_by_node(
+        node.get_name(), node.get_namespace())}  # malmm/overlay is no camera
+    for name, types in node.get_topic_names_and_types():
+        if name in own or name == input_topic and node.count_publishers(name) == 0:
+            continue  # our output, or only our own subscription there
+        for kind in types:
+            short = kind.replace('/msg/', '/')
+            if short in found:
+                found[short].append(name)
+    listing = '; '.join(f'{kind} topics: {", ".join(names) or "none"}'
+                        for kind, names in found.items())
+    since = ' (none since start)' if never else ''
+    return f'no frames on {input_topic} for {silence:.1f} s{since}; {listing}'

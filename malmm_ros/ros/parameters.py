@@ -6,6 +6,7 @@ description and range in the descriptor, so `ros2 param describe` shows what the
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
@@ -14,7 +15,8 @@ from rclpy.node import Node
 from malmm_ros.config import AnticipateConfig, field_specs
 from malmm_ros.errors import ConfigError
 
-__all__ = ['READ_ONLY', 'config_from_parameters', 'declare_config_parameters', 'field_specs']
+__all__ = ['READ_ONLY', 'config_from_parameters', 'declare_config_parameters',
+           'refuse_unknown_parameters']
 
 # Changing these needs a new subscription; refuse them at run time (restart the node instead).
 READ_ONLY = frozenset({'input_transport', 'qos.reliability', 'qos.depth'})
@@ -63,3 +65,26 @@ def config_from_parameters(node: Node, changes: dict[str, Any] | None = None
     values = {name: node.get_parameter(name).value for name in field_specs()}
     values.update(changes or {})
     return AnticipateConfig.from_dict(values, source='parameters')
+
+
+# Parameters rclpy declares itself, besides `qos_overrides.*`.
+_ROS_PARAMETERS = frozenset({'use_sim_time', 'start_type_description_service'})
+
+
+def refuse_unknown_parameters(node: Node) -> None:
+    """ConfigError for names given by --params-file or -p that no declared parameter has,
+    with the closest valid name.
+
+    rclpy keeps overrides for undeclared names and silently ignores them, so a typo would run
+    the node on defaults. (`_parameter_overrides` is rclpy's only record of them.)
+    """
+    declared = set(node._parameters) | _ROS_PARAMETERS
+    names = sorted(name for name in getattr(node, '_parameter_overrides', {})
+                   if name not in declared and not name.startswith('qos_overrides.'))
+    if not names:
+        return
+    unknown = []
+    for name in names:
+        close = difflib.get_close_matches(name, field_specs(), n=1)
+        unknown.append(f'{name}; did you mean {close[0]}?' if close else name)
+    raise ConfigError('unknown parameter ' + '; unknown parameter '.join(unknown))

@@ -7,7 +7,8 @@ the sidecar matches the requested key exactly, so a TensorRT/JetPack upgrade or 
 cache miss and a rebuild instead of a crash or silently wrong results. Old engines are reported
 (`EngineCache.stale`), never deleted. This module does not import TensorRT.
 
-`ensure_cache_dir` and `atomic_write` serve every backend's cache, the ONNX export included.
+`ensure_cache_dir` and `malmm_ros.files.atomic_write` serve every backend's cache, the ONNX
+export included.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from malmm_ros.errors import CheckpointError, ConfigError, MalmmError
+from malmm_ros.files import atomic_write
 
-__all__ = ['CACHE_HINT', 'PRECISIONS', 'EngineCache', 'EngineKey', 'atomic_write',
+__all__ = ['CACHE_HINT', 'PRECISIONS', 'EngineCache', 'EngineKey',
            'ensure_cache_dir', 'onnx_sha256']
 
 PRECISIONS = ('fp32', 'fp16', 'int8')
@@ -164,25 +165,6 @@ def onnx_sha256(path: str | os.PathLike[str]) -> str:
         return _sha256_file(path)
     except OSError as exc:
         raise CheckpointError(f'ONNX file {path} could not be read: {exc}') from exc
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and os.replace (no torn files).
-
-    The temp name is unique per call, so writers in several processes never share one; the file
-    gets the usual umask permissions (mkstemp's 0600 would hide a shared cache from other users).
-    """
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp')
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 CACHE_HINT = 'set engine_dir or $MALMM_ENGINE_DIR to a writable folder'

@@ -24,16 +24,17 @@ import torch
 from torch import nn
 
 from malmm_ros.errors import CheckpointError, ConfigError
+from malmm_ros.files import atomic_write
+from malmm_ros.imaging import IMAGE_SIZE
 from malmm_ros.model.encoder import (
     FEATURE_DIM,
-    IMAGE_SIZE,
     MEAN_RGB,
     NUM_TOKENS,
     STD_RGB,
     EfficientNetLite0,
     efficientnet_lite0,
 )
-from malmm_ros.runtime.engine_cache import CACHE_HINT, atomic_write, ensure_cache_dir
+from malmm_ros.runtime.engine_cache import CACHE_HINT, ensure_cache_dir
 
 __all__ = ['INPUT_NAME', 'ONNX_FILENAME', 'OUTPUT_NAME', 'EncoderGraph', 'default_engine_dir',
            'ensure_onnx', 'export_onnx', 'open_onnx']

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from malmm_ros.errors import CheckpointError, FrameError
-from malmm_ros.model.encoder import IMAGE_SIZE
+from malmm_ros.imaging import IMAGE_SIZE
 from malmm_ros.runtime.onnx_export import INPUT_NAME, ensure_onnx, open_onnx
 
 # ensure_onnx lives in onnx_export; it stays importable from here for existing callers.

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from malmm_ros.errors import CheckpointError, ConfigError, FrameError, MalmmError
+from malmm_ros.files import atomic_write
 from malmm_ros.runtime.engine_cache import (
     PRECISIONS,
     EngineCache,
     EngineKey,
-    atomic_write,
     ensure_cache_dir,
     onnx_sha256,
 )

@@ -1,37 +1,32 @@
-"""The training loop: observed windows streamed through the memory, cross-entropy on the heads.
+"""The run skeleton both training tasks share: seeding, optimizer and schedule, resume, epochs,
+checkpoints, the training state and metrics.json.
 
-One function, `train`, used by malmm-train (EK-100 features) and by bench/memory_ablation.py
-(synthetic streams), so both exercise the same code. Under torchrun it runs data-parallel
-(DistributedDataParallel over whole windows; each rank streams its own batches).
+A task (training/anticipation.py, training/caption.py) sets up what learns and trains one epoch;
+`run_epochs` does the rest the same way for both, so a run stopped and resumed ends with the
+weights of an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from malmm_ros.model.checkpoint import save_checkpoint
+from malmm_ros.config import AnticipateConfig, load_config
+from malmm_ros.errors import CheckpointError, ConfigError
 from malmm_ros.model.malmm import MalmmModel
-from malmm_ros.training.config import TrainConfig
+from malmm_ros.training.config import OptimConfig, TrainConfig
 from malmm_ros.training.state import load_training_state, save_training_state
-from malmm_ros.training.streaming import WindowModel
-from malmm_ros.training.windows import IGNORE, WindowSource, class_weights, plan_batches
 
-__all__ = ['TrainResult', 'predict_windows', 'train', 'warmup_cosine']
+__all__ = ['BEST_NAME', 'CHECKPOINT_NAME', 'METRICS_NAME', 'STATE_NAME', 'Learner', 'Task',
+           'TrainResult', 'epoch_seed', 'prepare_run', 'run_epochs', 'warmup_cosine']
 
 _log = logging.getLogger(__name__)
 CHECKPOINT_NAME = 'checkpoint.safetensors'
@@ -62,239 +57,130 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float
     return factor
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No decay on biases, norms, time-bias tables and learned embeddings (the usual choice)."""
-    decay, plain = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or 'norm' in name or 'time_bias' in name or \
-            name.endswith(('query_tokens', 'position'))
-        (plain if skip else decay).append(param)
-    return [{'params': decay, 'weight_decay': weight_decay},
-            {'params': plain, 'weight_decay': 0.0}]
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Shuffling seed of one epoch, so a resumed run shuffles as an uninterrupted one does."""
+    return seed * 100003 + epoch
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) otherwise."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    return int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0')), world
+def prepare_run(config: TrainConfig) -> AnticipateConfig:
+    """The node's config (architecture, M, sample_fps), after what every task does first: set
+    the CPU threads, check the training annotations are given, seed initialisation."""
+    node = load_config(config.anticipate_config)
+    torch.set_num_threads(config.num_threads or node.threads())
+    if not config.data.train_annotations:
+        raise ConfigError('data.train_annotations is not set (EPIC_100_train.csv)')
+    torch.manual_seed(config.seed)
+    return node
 
 
-def _device(choice: str, local_rank: int) -> torch.device:
-    if choice == 'cuda' or (choice == 'auto' and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError('device cuda requested but CUDA is not available')
-        return torch.device('cuda', local_rank)
-    return torch.device('cpu')
+@dataclass
+class Learner:
+    """What learns: the module the training state holds, AdamW and its warm-up + cosine
+    schedule. `step()` is one optimizer step."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    max_grad_norm: float
+
+    @classmethod
+    def adamw(cls, module: nn.Module, params: Iterable[Any], optim: OptimConfig,
+              steps_per_epoch: int) -> Learner:
+        """`params`: the module's parameters or parameter groups (which may set weight_decay)."""
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=(0.9, 0.999),
+                                      weight_decay=optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(steps_per_epoch * optim.epochs, optim.warmup_steps,
+                                     optim.min_lr_ratio))
+        return cls(module, optimizer, scheduler, optim.max_grad_norm)
+
+    def step(self) -> None:
+        """Clip the gradients (max_grad_norm > 0), step, advance the schedule, clear them."""
+        if self.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps so far (the schedule counts them and the training state keeps it)."""
+        return self.scheduler.last_epoch
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
 
 
-def _losses(logits, batch, weights: dict[str, torch.Tensor | None], config: TrainConfig
-            ) -> tuple[torch.Tensor, dict[str, float]]:
-    optim = config.optim
-    parts = {}
-    total = None
-    for head, weight in (('verb', optim.verb_weight), ('noun', optim.noun_weight),
-                         ('action', optim.action_weight)):
-        scores = getattr(logits, head)
-        if scores is None or weight == 0:
-            continue
-        target = getattr(batch, head).to(scores.device)
-        if bool((target == IGNORE).all()):
-            continue
-        loss = F.cross_entropy(scores.float(), target, weight=weights.get(head),
-                               ignore_index=IGNORE, label_smoothing=optim.label_smoothing)
-        parts[head] = float(loss.detach())
-        total = weight * loss if total is None else total + weight * loss
-    if total is None:
-        raise ValueError('a batch has no target for any head')
-    return total, parts
+class Task(Protocol):
+    """A training task on the skeleton: `train_epoch` trains epoch e (0-based) and returns its
+    record for metrics.json; `save` writes a checkpoint with the given training section;
+    `score` ranks records for best.safetensors (higher is better; None: no best file)."""
+
+    learner: Learner
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]: ...
+
+    def save(self, path: Path, training: dict[str, Any]) -> Path: ...
+
+    def score(self, record: dict[str, Any]) -> float | None: ...
 
 
-def predict_windows(model: WindowModel, source: WindowSource, *, batch_size: int = 32,
-                    device: torch.device | str = 'cpu', progress: bool = False
-                    ) -> dict[str, np.ndarray]:
-    """Softmax scores of every window in `source` order: verb [W, V], noun [W, N] and, if the
-    model has an action head, action [W, A]. Runs with autograd off (cached projections, the
-    node's arithmetic)."""
-    model.eval()
-    out: dict[str, np.ndarray] = {}
-    batches = plan_batches(source, batch_size, shuffle=False)
-    with torch.inference_mode():
-        for index in tqdm(batches, desc='predict', unit='batch', disable=not progress):
-            batch = source.batch(index)
-            logits = model(batch.tokens.to(device), batch.times_s)
-            for head in ('verb', 'noun', 'action'):
-                scores = getattr(logits, head)
-                if scores is None:
-                    continue
-                if head not in out:
-                    out[head] = np.zeros((len(source), scores.shape[1]), dtype=np.float32)
-                out[head][index] = scores.float().softmax(-1).cpu().numpy()
-    return out
-
-
-def _quick_metrics(scores: dict[str, np.ndarray], source: WindowSource) -> dict[str, float]:
-    """Top-1/top-5 accuracy and class-mean top-5 recall per head over windows with a target."""
-    from malmm_ros import metrics
-
-    result = {}
-    for head, labels in (('verb', source.verbs), ('noun', source.nouns),
-                         ('action', source.actions)):
-        if head not in scores:
-            continue
-        keep = labels >= 0
-        if not keep.any():
-            continue
-        s, y = scores[head][keep], labels[keep]
-        result[f'{head}_top1'] = metrics.topk_accuracy(s, y, k=1)
-        result[f'{head}_top5'] = metrics.topk_accuracy(s, y, k=5)
-        result[f'{head}_mean_top5_recall'] = metrics.mean_topk_recall(s, y, k=5)
-    return result
-
-
-def train(config: TrainConfig, model: MalmmModel, windows: WindowSource, *,
-          capacity: int, val_windows: WindowSource | None = None,
-          training_info: dict[str, Any] | None = None, resume: bool = False,
-          progress: bool = True, save: bool = True,
-          stop_after: int | None = None) -> TrainResult:
-    """Train `model` in place on `windows`; checkpoints and metrics go to config.out_dir.
-
-    `capacity` is the memory length M the node will run with. `training_info` is stored in
-    the checkpoint (protocol, sample_fps, sources). With `resume`, the training state in
-    out_dir is restored and training continues at the next epoch.
-    """
-    rank, local_rank, world = _distributed()
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = 'nccl' if config.device != 'cpu' and torch.cuda.is_available() else 'gloo'
-        torch.distributed.init_process_group(backend)
-    device = _device(config.device, local_rank)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
+def run_epochs(task: Task, config: TrainConfig, *, info: dict[str, Any], resume: bool = False,
+               stop_after: int | None = None, save: bool = True, rank: int = 0
+               ) -> TrainResult:
+    """Train from the first epoch or, with `resume`, after the one the training state in
+    out_dir ends with; at most `stop_after` epochs this time. After each epoch rank 0 writes
+    the checkpoint (with `info` in its training section), best.safetensors when the score
+    improved, the training state and metrics.json."""
     out_dir = Path(config.out_dir)
-    if rank == 0 and save:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if len(windows) == 0:
-        raise ValueError('no training windows')
-
-    model.to(device).train()
-    memory = config.memory
-    runner = WindowModel(model, capacity, policy=memory.policy,
-                         query_memory=memory.query_memory,
-                         current_frame_only=memory.current_frame_only)
-    wrapped: nn.Module = runner
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(
-            runner, device_ids=[device.index] if device.type == 'cuda' else None)
-
-    optim_cfg = config.optim
-    optimizer = torch.optim.AdamW(_param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                                  betas=(0.9, 0.999))
-    per_epoch = len(plan_batches(windows, optim_cfg.batch_size, shuffle=True, seed=0,
-                                 rank=rank, world=world))
-    if per_epoch == 0:
-        raise ValueError(f'{len(windows)} windows make no batch for {world} rank(s)')
-    steps_per_epoch = math.ceil(per_epoch / optim_cfg.grad_accum)
-    total_steps = steps_per_epoch * optim_cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, optim_cfg.warmup_steps, optim_cfg.min_lr_ratio))
-    weights: dict[str, torch.Tensor | None] = {}
-    if optim_cfg.class_balanced:
-        labels = model.labels
-        weights = {
-            'verb': class_weights(windows.verbs, labels.num_verbs).to(device),
-            'noun': class_weights(windows.nouns, labels.num_nouns).to(device),
-            'action': (class_weights(windows.actions, labels.num_actions).to(device)
-                       if labels.num_actions else None),
-        }
-
-    start_epoch, step, history = 0, 0, []
-    best_score, best_path = -math.inf, None
-    state_path = out_dir / STATE_NAME
-    if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f'--resume: no training state at {state_path}')
-        info = load_training_state(state_path, model=model, optimizer=optimizer,
-                                   scheduler=scheduler)
-        start_epoch, step = int(info['epoch']) + 1, int(info['step'])
-        history = list(info.get('history', []))
-        best_score = float(info.get('best_score', -math.inf))
-        best_path = out_dir / BEST_NAME if (out_dir / BEST_NAME).is_file() else None
-        _log.info('resumed from %s after epoch %d', state_path, start_epoch)
-
-    amp = optim_cfg.amp and device.type == 'cuda'
-    last_path = None
-    end_epoch = optim_cfg.epochs if stop_after is None else min(optim_cfg.epochs,
-                                                                  start_epoch + stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        model.train()
-        batches = plan_batches(windows, optim_cfg.batch_size, shuffle=True,
-                               seed=config.seed * 100003 + epoch, rank=rank, world=world)
-        sums: dict[str, float] = {}
-        seen = correct = 0
-        began = time.perf_counter()
-        bar = tqdm(batches, desc=f'epoch {epoch + 1}/{optim_cfg.epochs}', unit='batch',
-                   disable=not progress or rank != 0)
-        optimizer.zero_grad(set_to_none=True)
-        for i, index in enumerate(bar):
-            batch = windows.batch(index)
-            last_in_step = (i + 1) % optim_cfg.grad_accum == 0 or i + 1 == len(batches)
-            sync = contextlib.nullcontext() if last_in_step or world == 1 else wrapped.no_sync()
-            autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if amp
-                        else contextlib.nullcontext())
-            with sync:
-                with autocast:
-                    logits = wrapped(batch.tokens.to(device, non_blocking=True), batch.times_s)
-                loss, parts = _losses(logits, batch, weights, config)
-                (loss / optim_cfg.grad_accum).backward()
-            if last_in_step:
-                if optim_cfg.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-            n = len(index)
-            for key, value in {'loss': float(loss.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value * n
-            target = batch.action if logits.action is not None else batch.verb
-            scores = logits.action if logits.action is not None else logits.verb
-            valid = target >= 0
-            correct += int((scores.argmax(-1).cpu()[valid] == target[valid]).sum())
-            seen += n
-            bar.set_postfix(loss=f'{sums["loss"] / seen:.3f}',
-                            lr=f'{scheduler.get_last_lr()[0]:.2e}')
-        record: dict[str, Any] = {
-            'epoch': epoch + 1, 'step': step, 'seconds': round(time.perf_counter() - began, 2),
-            'lr': scheduler.get_last_lr()[0],
-            **{f'train_{k}': v / max(seen, 1) for k, v in sums.items()},
-            'train_top1': correct / max(seen, 1),
-        }
-        if val_windows is not None and len(val_windows) and rank == 0 and (
-                (epoch + 1) % config.eval_every == 0 or epoch + 1 == optim_cfg.epochs):
-            scores = predict_windows(runner, val_windows, batch_size=optim_cfg.batch_size,
-                                     device=device)
-            record.update({f'val_{k}': v for k, v in _quick_metrics(scores, val_windows).items()})
+    if save and rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f'out_dir {out_dir} cannot be created: {exc.strerror}') from None
+    state = _resume(out_dir / STATE_NAME, task.learner) if resume else {}
+    history = list(state.get('history', []))
+    best_score = float(state.get('best_score', -math.inf))
+    best = out_dir / BEST_NAME if resume and (out_dir / BEST_NAME).is_file() else None
+    last = None
+    start = int(state['epoch']) + 1 if resume else 0
+    epochs = config.optim.epochs
+    for epoch in range(start, epochs if stop_after is None else min(epochs, start + stop_after)):
+        record = task.train_epoch(epoch)
         history.append(record)
-        if rank == 0:
-            _log.info('epoch %d: %s', epoch + 1, json.dumps(record))
-            if save:
-                score = record.get('val_action_mean_top5_recall',
-                                   record.get('val_verb_mean_top5_recall',
-                                              -record['train_loss']))
-                info = {'config': config.to_dict(), 'epoch': epoch + 1, 'step': step,
-                        'history': history, **(training_info or {})}
-                last_path = save_checkpoint(out_dir / CHECKPOINT_NAME, model, training=info)
-                if score > best_score:
-                    best_score = score
-                    best_path = save_checkpoint(out_dir / BEST_NAME, model, training=info)
-                save_training_state(state_path, model=model, optimizer=optimizer,
-                                    scheduler=scheduler,
-                                    info={'epoch': epoch, 'step': step, 'history': history,
-                                          'best_score': best_score})
-                (out_dir / METRICS_NAME).write_text(json.dumps(history, indent=2) + '\n')
-    if world > 1:
-        torch.distributed.barrier()
-    model.eval()
-    return TrainResult(checkpoint=last_path, best_checkpoint=best_path, history=history,
-                       model=model)
+        if rank != 0:
+            continue
+        _log.info('epoch %d: %s', epoch + 1, json.dumps(record))
+        if not save:
+            continue
+        steps = task.learner.steps
+        training = {'config': config.to_dict(), 'epoch': epoch + 1, 'step': steps,
+                    'history': history, **info}
+        last = task.save(out_dir / CHECKPOINT_NAME, training)
+        score = task.score(record)
+        if score is None:
+            best = last
+        elif score > best_score:
+            best_score = score
+            best = task.save(out_dir / BEST_NAME, training)
+        kept = {'epoch': epoch, 'step': steps, 'history': history}
+        if math.isfinite(best_score):
+            kept['best_score'] = best_score
+        learner = task.learner
+        save_training_state(out_dir / STATE_NAME, model=learner.module,
+                            optimizer=learner.optimizer, scheduler=learner.scheduler, info=kept)
+        (out_dir / METRICS_NAME).write_text(json.dumps(history, indent=2) + '\n')
+    return TrainResult(checkpoint=last, best_checkpoint=best, history=history)
+
+
+def _resume(path: Path, learner: Learner) -> dict[str, Any]:
+    """Weights, optimizer, schedule and RNG from the training state; its info."""
+    if not path.is_file():
+        raise CheckpointError(f'--resume: no training state at {path}')
+    state = load_training_state(path, model=learner.module, optimizer=learner.optimizer,
+                                scheduler=learner.scheduler)
+    if not isinstance(state.get('epoch'), int):
+        raise CheckpointError(f'training state {path}: its info names no epoch')
+    _log.info('resumed from %s after epoch %d', path, int(state['epoch']) + 1)
+    return state

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from malmm_ros.data.epic import observation_times
-from malmm_ros.data.labels import LabelMaps
+from malmm_ros.labels import LabelMaps
 
 __all__ = ['FeatureWindows', 'InMemoryWindows', 'WindowBatch', 'WindowSource', 'plan_batches']
 

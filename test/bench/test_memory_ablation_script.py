@@ -8,14 +8,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / 'bench'
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location('memory_ablation',
-                                                  REPO / 'bench' / 'memory_ablation.py')
+    if str(BENCH) not in sys.path:  # as `python bench/memory_ablation.py` has it (benchlib)
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location('memory_ablation', BENCH / 'memory_ablation.py')
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -38,6 +41,7 @@ def test_streams_put_the_cue_at_least_four_m_before_the_end() -> None:
         assert ablation.CUE_PHOTOS.index(cue_photo) == label
 
 
+@pytest.mark.slow  # the ablation script end to end
 def test_tiny_run_writes_results(tmp_path: Path, capsys) -> None:
     ablation = load_script()
     before = torch.get_num_threads()

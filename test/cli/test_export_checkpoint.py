@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from malmm_ros.cli import evaluate as eval_cli
 from malmm_ros.cli import export as export_cli
 from malmm_ros.config import load_config
 from malmm_ros.data.features import write_video_features
-from malmm_ros.data.labels import LabelMaps
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.checkpoint import (
     checkpoint_is_trained,
     load_checkpoint,
@@ -31,12 +30,7 @@ from malmm_ros.model.checkpoint import (
     save_checkpoint,
 )
 from malmm_ros.pipeline.anticipation import AnticipationPipeline
-
-EPIC_TESTS = str(Path(__file__).resolve().parents[1] / 'epic')
-if EPIC_TESTS not in sys.path:
-    sys.path.insert(0, EPIC_TESTS)
-
-from tiny_epic import NOUN_CLASSES, VERB_CLASSES, TinyEpic, make_tiny_epic  # noqa: E402
+from support.tiny_epic import NOUN_CLASSES, VERB_CLASSES, TinyEpic, make_tiny_epic
 
 MODEL = {'num_layers': 2, 'hidden_size': 32, 'num_heads': 2, 'intermediate_size': 64,
          'num_queries': 8, 'encoder_width': 32}

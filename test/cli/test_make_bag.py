@@ -15,6 +15,7 @@ from malmm_ros.cli.make_bag import cover
 from malmm_ros.data.bags import COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, bag_info, read_camera_frames
 
 SCRIPT = Path(sys.executable).with_name('malmm-make-bag')
+pytestmark = pytest.mark.slow  # every test starts the console script
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

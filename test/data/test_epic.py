@@ -14,14 +14,11 @@ import pytest
 
 from malmm_ros.data import (
     AnticipationSample,
-    EpicAnnotations,
-    LabelMaps,
     Segment,
     action_label_indices,
     action_vocabulary,
     anticipation_samples,
     format_timestamp,
-    is_tail_action,
     load_segments,
     load_tail_classes,
     load_unseen_participants,
@@ -32,7 +29,9 @@ from malmm_ros.data import (
     samples_from_segments,
 )
 from malmm_ros.errors import DataError
-from malmm_ros.metrics import anticipation_metrics
+from malmm_ros.labels import LabelMaps
+from malmm_ros.metrics import anticipation_metrics, tail_action_mask
+from support.epic_annotations import EpicAnnotations
 
 
 def _epic_dir() -> Path:
@@ -216,11 +215,9 @@ def test_tail_classes_and_counts(annotations: EpicAnnotations, epic_dir: Path) -
     assert segments is not None
     tail_verb = [s for s in segments if s.verb_class in annotations.tail_verbs]
     tail_noun = [s for s in segments if s.noun_class in annotations.tail_nouns]
-    tail_action = [
-        s for s in segments
-        if is_tail_action(s.verb_class, s.noun_class, annotations.tail_verbs,
-                          annotations.tail_nouns)
-    ]
+    mask = tail_action_mask([s.verb_class for s in segments], [s.noun_class for s in segments],
+                            annotations.tail_verbs, annotations.tail_nouns)
+    tail_action = [s for s, tail in zip(segments, mask, strict=True) if tail]
     # Measured on the validation file: segments and classes present in each tail subset.
     assert (len(tail_verb), len(tail_noun), len(tail_action)) == (1760, 1900, 3105)
     assert len({s.verb_class for s in tail_verb}) == 67
@@ -321,9 +318,7 @@ def test_action_vocabulary_and_indices() -> None:
     unlabelled = Segment('t', 'P01', 'P01_01', 1.0, 2.0)
     with pytest.raises(DataError, match='no verb/noun classes'):
         action_vocabulary([unlabelled])
-    assert is_tail_action(3, 7, frozenset({3}), frozenset())
-    assert is_tail_action(0, 7, frozenset(), frozenset({7}))
-    assert not is_tail_action(0, 1, frozenset({3}), frozenset({7}))
+    assert tail_action_mask([3, 0, 0], [7, 7, 1], {3}, {7}).tolist() == [True, True, False]
 
 
 def test_sample_record_is_frozen() -> None:

@@ -8,20 +8,26 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_epic import TinyEpic, make_tiny_epic
 
 from malmm_ros.cli.extract import find_sources
 from malmm_ros.cli.train import main
 from malmm_ros.config import load_config
 from malmm_ros.data.extraction import extract_all
-from malmm_ros.data.labels import load_ek100_labels
-from malmm_ros.model.checkpoint import load_checkpoint, load_text_projector, save_checkpoint
+from malmm_ros.labels import load_ek100_labels
+from malmm_ros.model.checkpoint import (
+    load_checkpoint,
+    load_text_projector,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
 from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.model.text import TextDescriber
 from malmm_ros.model.tiny_llm import write_tiny_llm
 from malmm_ros.runtime import create_encoder
+from support.tiny_epic import TinyEpic, make_tiny_epic
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # extracts features and trains, end to end
 
 
 @pytest.fixture(scope='module')
@@ -36,7 +42,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyEpic, Path, Pat
     node = load_config(REPO / 'config' / 'anticipate.yaml')
     model = MalmmModel(node.model, load_ek100_labels(tiny.annotations_dir))
     checkpoint = save_checkpoint(root / 'anticipation.safetensors', model,
-                                 training={'sample_fps': 1.0, 'memory_bank_length': 20})
+                                 training={'sample_fps': 1.0, 'memory_bank_length': 20,
+                                           'task': 'anticipation', 'epoch': 9})
     llm = write_tiny_llm(root / 'llm', sentences=tuple(s.narration for s in _segments(tiny)))
     return tiny, root / 'features', checkpoint, llm
 
@@ -66,6 +73,9 @@ def test_caption_training_learns_the_narrations(setup, tmp_path: Path) -> None:
     assert all(e['target'] in narrations for h in history for e in h['examples'])
 
     out = tmp_path / 'run' / 'checkpoint.safetensors'
+    # The protocol is inherited from the anticipation checkpoint; task and epoch are this run's.
+    training = read_checkpoint_metadata(out)['training']
+    assert (training['task'], training['epoch'], training['sample_fps']) == ('caption', 6, 1.0)
     projector = load_text_projector(out)
     assert projector is not None and projector.llm_name == 'llm'
     width = load_config(REPO / 'config' / 'anticipate.yaml').model.hidden_size

@@ -10,7 +10,12 @@ import cv2
 import numpy as np
 import pytest
 import simplejpeg
-from tiny_epic import (
+
+from malmm_ros.data.bags import read_camera_frames
+from malmm_ros.data.epic import load_video_info
+from malmm_ros.data.extraction import find_frame_folders, find_video_files
+from malmm_ros.labels import load_ek100_labels
+from support.tiny_epic import (
     ANNOTATION_COLUMNS,
     EARLY_START_S,
     NOUN_CLASSES,
@@ -19,10 +24,6 @@ from tiny_epic import (
     TinyEpic,
     make_tiny_epic,
 )
-
-from malmm_ros.data.bags import read_camera_frames
-from malmm_ros.data.extraction import find_frame_folders, find_video_files, read_video_fps
-from malmm_ros.data.labels import load_ek100_labels
 
 REAL_ANNOTATIONS = Path(__file__).resolve().parents[3] / 'shared' / 'epic100'
 
@@ -75,7 +76,8 @@ def test_side_files_load(tiny: TinyEpic) -> None:
     labels = load_ek100_labels(tiny.annotations_dir)
     assert [c.name for c in labels.verbs] == list(VERB_CLASSES)
     assert [c.name for c in labels.nouns] == list(NOUN_CLASSES)
-    assert read_video_fps(tiny.video_info_csv) == {'P01_01': 30.0, 'P02_03': 30.0}
+    assert {v: info.fps for v, info in load_video_info(tiny.video_info_csv).items()} == {
+        'P01_01': 30.0, 'P02_03': 30.0}
     unseen = _rows(tiny.annotations_dir / 'EPIC_100_unseen_participant_ids_validation.csv')
     assert unseen == [{'participant_id': 'P02'}]
     assert _rows(tiny.annotations_dir / 'EPIC_100_tail_verbs.csv') == [{'verb': '3'}]

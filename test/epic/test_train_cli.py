@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_epic import TinyEpic, make_tiny_epic
 
 from malmm_ros.cli.train import main
 from malmm_ros.data.extraction import extract_all
 from malmm_ros.model.checkpoint import read_checkpoint_metadata
 from malmm_ros.pipeline.anticipation import AnticipationPipeline
 from malmm_ros.runtime import create_encoder
+from support.tiny_epic import TinyEpic, make_tiny_epic
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # extracts features and trains, end to end
 
 
 @pytest.fixture(scope='module')
@@ -106,6 +107,11 @@ def test_errors_are_clear(dataset, tmp_path: Path, capsys: pytest.CaptureFixture
 
     assert main(['--config', str(config), '--set', 'optim.lr=-1', '--no-progress']) == 2
     assert 'optim.lr must be in' in capsys.readouterr().err
+    # 1e1 is a float, as in the YAML files (not the string YAML 1.1 makes of it)
+    assert main(['--config', str(config), '--set', 'optim.lr=1e1', '--no-progress']) == 2
+    assert 'optim.lr must be in' in capsys.readouterr().err
+    assert main(['--config', str(config), '--set', 'optim.lr', '--no-progress']) == 2
+    assert '--set expects key=value' in capsys.readouterr().err
 
     config = write_config(tmp_path / 'train3.yaml', tiny, features)
     assert main(['--config', str(config), '--no-progress', '--resume']) == 2

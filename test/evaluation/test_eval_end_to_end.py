@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny_epic import TinyEpic, make_tiny_epic
 
 from malmm_ros.cli import evaluate as eval_cli
 from malmm_ros.cli import extract as extract_cli
@@ -30,8 +29,10 @@ from malmm_ros.cli.train import run as train_run
 from malmm_ros.model.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.training.config import load_train_config
+from support.domains import domain_id
+from support.tiny_epic import TinyEpic, make_tiny_epic
 
-DOMAIN_ID = 216  # live mode's node and evaluator
+DOMAIN_ID = domain_id(__file__)  # live mode's node and evaluator
 SCRIPT = Path(sys.executable).with_name('malmm-eval')
 MODEL = {'num_layers': 2, 'hidden_size': 64, 'num_heads': 2, 'intermediate_size': 128,
          'num_queries': 8, 'encoder_width': 64}

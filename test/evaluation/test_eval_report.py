@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from malmm_ros.data.epic import Segment, samples_from_segments
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.evaluation import (
     Evaluation,
     ScoreRows,
@@ -21,6 +20,7 @@ from malmm_ros.evaluation import (
     write_metrics,
     write_report,
 )
+from malmm_ros.labels import LabelMaps
 
 V, N = 8, 10
 PAIRS = [(v, v + 1) for v in range(V)]

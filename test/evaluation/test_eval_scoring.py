@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from malmm_ros.data.epic import AnticipationSample, Segment, samples_from_segments
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.errors import DataError
 from malmm_ros.evaluation import (
     ScoreRows,
@@ -19,9 +18,9 @@ from malmm_ros.evaluation import (
     score_segments,
     segment_metrics,
     timeline_from_predictions,
-    top_pairs,
     video_segments,
 )
+from malmm_ros.labels import LabelMaps
 from malmm_ros.metrics import topk_hits
 from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
 
@@ -185,18 +184,6 @@ def test_labels_beyond_the_model_are_refused_naming_the_segment() -> None:
 
 
 # --- score rows --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize('k', [1, 5, 100])
-def test_top_pairs_equal_the_full_outer_product(k: int) -> None:
-    rng = np.random.default_rng(k)
-    verb, noun = rng.dirichlet(np.ones(20)), rng.dirichlet(np.ones(30))
-    pairs = top_pairs(verb, noun, k)
-    full = np.outer(verb, noun)
-    best = np.sort(full.reshape(-1))[::-1][:k]
-    np.testing.assert_allclose(sorted(pairs.values(), reverse=True), best, rtol=1e-12)
-    for (v, n), score in pairs.items():
-        assert score == pytest.approx(full[v, n])
 
 
 def test_take_gives_zero_rows_for_missing_predictions() -> None:

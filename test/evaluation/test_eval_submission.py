@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from malmm_ros.data.epic import Segment, samples_from_segments
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.evaluation import ScoreRows, score_segments, submission, write_submission
 from malmm_ros.evaluation.submission import CHALLENGE, SUBMISSION_VERSION
+from malmm_ros.labels import LabelMaps
 
 V, N = 97, 300  # the EK-100 class counts the official validator expects
 

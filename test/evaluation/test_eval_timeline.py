@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from rosbags.rosbag2 import Writer
 from rosbags.typesys import Stores, get_typestore
-from tiny_epic import TinyEpic, make_tiny_epic
 
 from malmm_ros.config import AnticipateConfig, model_preset
 from malmm_ros.data.bags import read_camera_frames
 from malmm_ros.errors import DataError
 from malmm_ros.evaluation import bag_timeline
 from malmm_ros.pipeline import AnticipationPipeline
+from support.tiny_epic import TinyEpic, make_tiny_epic
 
 SECONDS = 6.0
 SMALL = model_preset('edge', num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128,

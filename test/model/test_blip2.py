@@ -15,6 +15,7 @@ import torch
 from malmm_ros.config import model_preset
 from malmm_ros.errors import CheckpointError
 from malmm_ros.model.blip2 import load_blip2_qformer
+from malmm_ros.model.memory import MemorySpec
 from malmm_ros.model.qformer import MemoryQFormer
 
 NUM_LAYERS = 2
@@ -231,7 +232,7 @@ def test_single_frame_equals_blip2_forward(lavis) -> None:
                          dtype=torch.float64)
     expected = _reference_qformer(source, frames)
     for cache_projections in (True, False):
-        memory = model.new_memory(4, cache_projections=cache_projections)
+        memory = model.new_memory(MemorySpec(4, cache_projections=cache_projections))
         with torch.no_grad():
             got = model.step(frames, 12.5, memory)
         assert got.shape == (2, QUERIES, HIDDEN) and got.dtype == torch.float64

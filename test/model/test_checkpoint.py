@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from malmm_ros.config import AnticipateConfig, LabelsConfig, ModelConfig
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.errors import CheckpointError, DataError
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_is_trained,
@@ -26,6 +26,7 @@ from malmm_ros.model.checkpoint import (
     untrained_model,
 )
 from malmm_ros.model.malmm import MalmmModel
+from malmm_ros.model.memory import MemorySpec
 from malmm_ros.model.text import TextProjector
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
@@ -45,7 +46,7 @@ def _model(seed: int = 0) -> MalmmModel:
 
 def _stream_outputs(model: MalmmModel, steps: int = 6) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(123)
-    memory = model.new_memory(3)
+    memory = model.new_memory(MemorySpec(3))
     outputs = []
     with torch.no_grad():
         for step in range(steps):

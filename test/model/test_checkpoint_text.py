@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from malmm_ros.config import ModelConfig
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.errors import CheckpointError
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.checkpoint import (
     TEXT_PROJECTOR_PREFIX,
     load_checkpoint,

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from malmm_ros.errors import CheckpointError, FrameError
+from malmm_ros.imaging import IMAGE_SIZE, resize_and_crop
 from malmm_ros.model.encoder import (
     FEATURE_DIM,
-    IMAGE_SIZE,
     MEAN_RGB,
     NUM_TOKENS,
     STD_RGB,
@@ -23,7 +23,6 @@ from malmm_ros.model.encoder import (
     efficientnet_lite0,
     normalize,
     preprocess,
-    resize_and_crop,
 )
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat

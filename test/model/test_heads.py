@@ -1,55 +1,11 @@
-"""Tests of the anticipation heads and the verb x noun action top-k."""
+"""Tests of the anticipation heads."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
 
-from malmm_ros.model.heads import AnticipationHeads, HeadLogits, verb_noun_action_topk
-
-
-def _brute_force_topk(verb_probs: torch.Tensor, noun_probs: torch.Tensor, k: int
-                      ) -> list[list[tuple[float, int, int]]]:
-    """Every (verb, noun) pair of every batch row, scored and sorted, k best kept."""
-    out = []
-    for v_row, n_row in zip(verb_probs.tolist(), noun_probs.tolist(), strict=True):
-        pairs = [(v_row[v] * n_row[n], v, n)
-                 for v, n in itertools.product(range(len(v_row)), range(len(n_row)))]
-        pairs.sort(key=lambda item: -item[0])
-        out.append(pairs[:k])
-    return out
-
-
-@pytest.mark.parametrize(
-    ('num_verbs', 'num_nouns', 'k'),
-    [(97, 300, 5), (10, 20, 1), (3, 50, 5), (50, 2, 5), (4, 3, 20), (1, 1, 5), (30, 30, 12)],
-)
-def test_topk_equals_brute_force(num_verbs: int, num_nouns: int, k: int) -> None:
-    gen = torch.Generator().manual_seed(num_verbs * 1000 + num_nouns + k)
-    verb_probs = torch.rand(3, num_verbs, generator=gen, dtype=torch.float64).softmax(-1)
-    noun_probs = torch.rand(3, num_nouns, generator=gen, dtype=torch.float64).softmax(-1)
-    scores, verb_ids, noun_ids = verb_noun_action_topk(verb_probs, noun_probs, k)
-    expected = _brute_force_topk(verb_probs, noun_probs, k)
-    width = min(k, num_verbs * num_nouns)
-    assert scores.shape == verb_ids.shape == noun_ids.shape == (3, width)
-    for row in range(3):
-        assert [(v, n) for _, v, n in expected[row]] == list(
-            zip(verb_ids[row].tolist(), noun_ids[row].tolist(), strict=True))
-        torch.testing.assert_close(scores[row], torch.tensor([s for s, _, _ in expected[row]],
-                                                             dtype=torch.float64))
-        # the returned scores are the products of the returned ids' probabilities
-        torch.testing.assert_close(
-            scores[row], verb_probs[row, verb_ids[row]] * noun_probs[row, noun_ids[row]])
-
-
-def test_topk_with_peaked_distributions() -> None:
-    verb_probs = torch.tensor([[0.05, 0.9, 0.05]])
-    noun_probs = torch.tensor([[0.1, 0.2, 0.7]])
-    scores, verb_ids, noun_ids = verb_noun_action_topk(verb_probs, noun_probs, 2)
-    assert verb_ids.tolist() == [[1, 1]] and noun_ids.tolist() == [[2, 1]]
-    torch.testing.assert_close(scores, torch.tensor([[0.63, 0.18]]))
+from malmm_ros.model.heads import AnticipationHeads, HeadLogits
 
 
 @pytest.mark.parametrize('num_actions', [0, 1, 37])

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from malmm_ros.model.memory import MemoryBank, StreamMemory, memory_bank_compress
+from malmm_ros.errors import ConfigError
+from malmm_ros.model.memory import MemoryBank, MemorySpec, StreamMemory
+from support.mbc_reference import memory_bank_compress
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -280,7 +282,7 @@ def test_reset_then_stream_equals_fresh_bank(capacity: int | None,
 
 
 def test_stream_memory_reset_clears_every_bank() -> None:
-    memory = StreamMemory(3, 2, visual_fields={'a': 2}, query_fields={'b': 3})
+    memory = StreamMemory(3, MemorySpec(2), visual_fields={'a': 2}, query_fields={'b': 3})
     for i in range(5):
         memory.visual.append(torch.randn(1, 4, 6), float(i), {'a': torch.randn(1, 4, 2)})
         memory.query_bank.open_slot(float(i), torch.zeros(1, 8, 5))
@@ -300,8 +302,8 @@ def test_stream_memory_reset_clears_every_bank() -> None:
 
 
 def test_stream_memory_without_cache_has_no_fields() -> None:
-    memory = StreamMemory(2, 4, visual_fields={'a': 2}, query_fields={'b': 3},
-                          cache_projections=False)
+    memory = StreamMemory(2, MemorySpec(4, cache_projections=False), visual_fields={'a': 2},
+                          query_fields={'b': 3})
     assert not memory.visual.has('a')
     assert not any(bank.has('b') for bank in memory.queries)
     assert memory.visual.has('tokens')
@@ -314,8 +316,8 @@ def test_stream_memory_without_cache_has_no_fields() -> None:
 def test_capacity_must_be_positive(capacity: int) -> None:
     with pytest.raises(ValueError, match=f'memory capacity must be >= 1 or None, got {capacity}'):
         MemoryBank(capacity)
-    with pytest.raises(ValueError, match='memory capacity must be >= 1'):
-        StreamMemory(2, capacity)
+    with pytest.raises(ConfigError, match='memory capacity must be >= 1'):
+        MemorySpec(capacity)
 
 
 @pytest.mark.parametrize('shape', [(2, 3, 5), (1, 3, 4), (2, 4, 4)])
@@ -341,6 +343,7 @@ def test_reading_an_empty_bank_or_writing_before_a_frame_fails() -> None:
 # -- long stream and properties ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # a long stream through the model
 def test_long_stream_stays_bounded() -> None:
     # 20,000 appends (100,000 take about 25 s on a 2-core CPU).
     frames, capacity = 20_000, 5

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from malmm_ros.config import ModelConfig, model_preset
-from malmm_ros.model.memory import StreamMemory
+from malmm_ros.model.memory import MemorySpec, StreamMemory
 from malmm_ros.model.qformer import MemoryAttention, MemoryQFormer
 from malmm_ros.model.time_encoding import age_buckets
 
@@ -212,7 +212,7 @@ def test_step_matches_reference(cache: bool, capacity: int | None, steps: int,
     q = build(seed=1, **overrides)
     for i, layer in enumerate(q.layers):
         assert (layer.cross_attention is not None) == (i % q.config.cross_attention_every == 0)
-    memory = q.new_memory(capacity, cache_projections=cache)
+    memory = q.new_memory(MemorySpec(capacity, cache_projections=cache))
     ref = RefQFormer(q, capacity)
     xs, times = frames(steps, seed=2), irregular_times(steps, seed=3)
     with torch.no_grad():
@@ -235,7 +235,7 @@ def test_step_matches_reference(cache: bool, capacity: int | None, steps: int,
 # its merges must follow the first-pair tie rule, not float rounding.
 def test_layer0_query_bank_follows_first_pair_on_ties() -> None:
     q = build(seed=1)
-    memory = q.new_memory(4)
+    memory = q.new_memory(MemorySpec(4))
     ref = RefQFormer(q, 4)
     xs, times = frames(20, seed=2), irregular_times(20, seed=3)
     with torch.no_grad():
@@ -250,7 +250,8 @@ def test_layer0_query_bank_follows_first_pair_on_ties() -> None:
 
 def test_cached_and_recomputed_projections_agree_over_a_long_stream() -> None:
     q = build(seed=4)
-    cached, recompute = q.new_memory(10), q.new_memory(10, cache_projections=False)
+    cached = q.new_memory(MemorySpec(10))
+    recompute = q.new_memory(MemorySpec(10, cache_projections=False))
     xs = frames(200, seed=5)
     worst = 0.0
     with torch.no_grad():
@@ -282,7 +283,7 @@ def test_outputs_depend_on_ages_not_absolute_time() -> None:
     xs = frames(80, seed=7)
     results = {}
     for offset, spacing in ((0.0, 1.0), (100_000.0, 1.0), (0.0, 7.0)):
-        memory = q.new_memory(10)
+        memory = q.new_memory(MemorySpec(10))
         with torch.no_grad():
             results[offset, spacing] = torch.stack(
                 [q.step(xs[i], offset + spacing * i, memory) for i in range(80)])
@@ -295,8 +296,8 @@ def test_outputs_depend_on_ages_not_absolute_time() -> None:
 @pytest.mark.parametrize('cache', [True, False])
 def test_memory_size_is_constant_after_capacity(cache: bool) -> None:
     q = build(seed=8, num_layers=2)
-    memory = q.new_memory(10, cache_projections=cache)
-    unbounded = q.new_memory(None, cache_projections=cache)
+    memory = q.new_memory(MemorySpec(10, cache_projections=cache))
+    unbounded = q.new_memory(MemorySpec(None, cache_projections=cache))
     xs = frames(310, seed=9)
     sizes, unbounded_sizes = [], []
     with torch.no_grad():
@@ -314,7 +315,7 @@ def test_memory_size_is_constant_after_capacity(cache: bool) -> None:
 def test_reset_restarts_the_stream() -> None:
     q = build(seed=10)
     xs = frames(40, seed=11)
-    memory = q.new_memory(4)
+    memory = q.new_memory(MemorySpec(4))
     with torch.no_grad():
         for i in range(25):
             q.step(xs[i], float(i), memory)
@@ -322,7 +323,7 @@ def test_reset_restarts_the_stream() -> None:
         assert memory.frames_seen == 0
         assert len(memory) == 0
         assert [len(bank) for bank in memory.queries] == [0] * q.config.num_layers
-        fresh = q.new_memory(4)
+        fresh = q.new_memory(MemorySpec(4))
         for i in range(25, 40):
             torch.testing.assert_close(q.step(xs[i], float(i), memory),
                                        q.step(xs[i], float(i), fresh), rtol=0, atol=0)
@@ -334,7 +335,7 @@ def run_training_step(q: MemoryQFormer, cache: bool, input_grad: bool, warm: int
     x, the loss weights and the memory as it was before the step."""
     q.train()
     q.zero_grad(set_to_none=True)
-    memory = q.new_memory(4, cache_projections=cache)
+    memory = q.new_memory(MemorySpec(4, cache_projections=cache))
     xs = frames(warm + 1, seed=12)
     with torch.no_grad():
         for i in range(warm):
@@ -434,26 +435,26 @@ def test_recompute_training_with_frozen_input_at_capacity_backpropagates() -> No
 
 def test_memory_for_another_layer_count_is_rejected() -> None:
     q = build(seed=19)
-    memory = build(seed=19, num_layers=2).new_memory(4)
+    memory = build(seed=19, num_layers=2).new_memory(MemorySpec(4))
     x = frames(1, seed=20)[0]
     with pytest.raises(ValueError, match=re.escape('memory has 2 query banks for 3 layers')):
         q.step(x, 0.0, memory)
     assert len(memory) == 0
     assert memory.frames_seen == 0
     with pytest.raises(ValueError, match='memory has 4 query banks for 3 layers'):
-        q.step(x, 0.0, StreamMemory(4, 4))
+        q.step(x, 0.0, StreamMemory(4, MemorySpec(4)))
 
 
 def test_new_memory_layout() -> None:
     q = build(seed=21)
-    memory = q.new_memory(6)
-    assert memory.capacity == 6
+    memory = q.new_memory(MemorySpec(6))
+    assert memory.spec.capacity == 6
     assert len(memory.queries) == 3
     assert memory.visual.fields == {'cross0.k': 32, 'cross0.v': 32, 'cross2.k': 32,
                                     'cross2.v': 32}
     assert all(bank.fields == {'self.k': 32, 'self.v': 32} for bank in memory.queries)
-    bare = q.new_memory(None, cache_projections=False)
-    assert bare.visual.fields == {} and bare.capacity is None
+    bare = q.new_memory(MemorySpec(None, cache_projections=False))
+    assert bare.visual.fields == {} and bare.spec.capacity is None
 
 
 def test_blip2_preset_geometry() -> None:
@@ -472,8 +473,8 @@ def test_without_query_memory_self_attention_sees_only_the_current_queries() -> 
     q = build(seed=4)
     xs, times = frames(6, seed=5), irregular_times(6, seed=6)
     with torch.no_grad():
-        full = q.new_memory(3)
-        visual_only = q.new_memory(3, query_memory=False)
+        full = q.new_memory(MemorySpec(3))
+        visual_only = q.new_memory(MemorySpec(3, query_memory=False))
         for i in range(6):
             out_full = q.step(xs[i], times[i], full)
             out_visual = q.step(xs[i], times[i], visual_only)
@@ -482,7 +483,7 @@ def test_without_query_memory_self_attention_sees_only_the_current_queries() -> 
         # The first step has no query history either way; later ones differ.
         assert not torch.allclose(out_full, out_visual)
         # Equivalent: a fresh query bank every step with the same visual bank.
-        fresh_visual = q.new_memory(3)
+        fresh_visual = q.new_memory(MemorySpec(3))
         for i in range(6):
             fresh_visual.query_bank.reset()
             expected = q.step(xs[i], times[i], fresh_visual)

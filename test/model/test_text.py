@@ -83,6 +83,7 @@ def test_load_forces_offline_mode(describer: TextDescriber) -> None:
     assert os.environ['TRANSFORMERS_OFFLINE'] == '1'
 
 
+@pytest.mark.slow  # a fresh process that loads the pipeline
 def test_text_off_never_imports_transformers() -> None:
     """The core, the pipeline and the text module itself import without transformers."""
     code = ('import sys, malmm_ros.model.text, malmm_ros.model.checkpoint, '

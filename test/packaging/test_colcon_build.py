@@ -23,6 +23,7 @@ PROBLEM = re.compile(r'\berror\b|Traceback|\bfailed\b|\baborted\b', re.IGNORECAS
 # Fallback when git is unavailable: the ignored paths that matter for a build.
 IGNORE = shutil.ignore_patterns('.venv', '.git', 'build', 'install', 'log', '__pycache__',
                                 '*.egg-info', '.pytest_cache', '.ruff_cache', 'engines')
+pytestmark = pytest.mark.slow  # one real colcon build for the module
 
 
 def _copy_package(dest: Path) -> None:

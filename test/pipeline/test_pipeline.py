@@ -16,11 +16,12 @@ import skimage.data
 import torch
 
 from malmm_ros.config import AnticipateConfig, LabelsConfig, ModelConfig, load_config
-from malmm_ros.data.labels import LabelMaps
 from malmm_ros.errors import FrameError
+from malmm_ros.imaging import resize_and_crop
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.checkpoint import load_checkpoint, save_checkpoint
-from malmm_ros.model.encoder import resize_and_crop
 from malmm_ros.model.malmm import MalmmModel
+from malmm_ros.model.memory import MemorySpec
 from malmm_ros.pipeline import SCHEMA, AnticipationPipeline, Prediction
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,7 +121,7 @@ def test_from_config_reads_the_yaml(pipeline: AnticipationPipeline) -> None:
         sample_fps=1.0, publish_every_n=2, num_threads=1)
     assert torch.get_num_threads() == 1
     assert pipeline.trained is False
-    assert pipeline.memory.capacity == 20
+    assert pipeline.memory.spec.capacity == 20
 
 
 def test_predictions_every_eight_frames(stream_run) -> None:
@@ -353,7 +354,7 @@ def test_streaming_equals_stepping_by_hand(make, encoder, checkpoint: Path) -> N
     assert [k for k, _ in predictions] == list(range(0, 18, 2))  # 4 fps in, 2 fps sampled
 
     model = load_checkpoint(checkpoint)
-    memory = model.new_memory(3)
+    memory = model.new_memory(MemorySpec(3))
     with torch.no_grad():
         for k, prediction in predictions:
             tokens = torch.from_numpy(encoder.run(resize_and_crop(frame(k))[None]))
@@ -378,7 +379,7 @@ def test_recompute_projections_gives_the_same_predictions(make, base_config, che
         model = dataclasses.replace(base_config.model, recompute_projections=recompute)
         pipe = make(checkpoint=str(checkpoint), sample_fps=0.0, memory_bank_length=4,
                     model=model)
-        assert pipe.memory.cache_projections is not recompute
+        assert pipe.memory.spec.cache_projections is not recompute
         runs.append(_stream(pipe, 10))
         assert len(runs[-1]) == 10 and pipe.memory.visual.compressions == 6
     for (_, cached), (_, recomputed) in zip(*runs, strict=True):

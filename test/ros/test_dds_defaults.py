@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticArray
-from node_helpers.ros_driver import (
+
+from support.domains import domain_id
+from support.ros_driver import (
     CONFIG,
     RELIABLE,
     ROOT,
@@ -24,7 +26,7 @@ from node_helpers.ros_driver import (
     wait_until,
 )
 
-DOMAIN_ID = 196
+DOMAIN_ID = domain_id(__file__)
 SECONDS, FPS = 10, 30
 FRAMES = SECONDS * FPS
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from node_helpers.ros_driver import ROOT, WAIT_S, ros_env
 
-DOMAIN_ID = 198
+from support.domains import domain_id
+from support.ros_driver import ROOT, WAIT_S, ros_env
+
+DOMAIN_ID = domain_id(__file__)
 VERBS = 'id,key,instances,category\n0,take,"[\'take\']",retrieve\n1,put,"[\'put\']",leave\n'
 NOUNS = 'id,key,instances,category\n0,tap,"[\'tap\']",appliances\n1,spoon,"[\'spoon\']",cutlery\n'
 

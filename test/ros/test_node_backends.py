@@ -14,8 +14,9 @@ from malmm_ros.config import AnticipateConfig
 from malmm_ros.data.bags import write_camera_bag
 from malmm_ros.data.sample_stream import panning_frames
 from malmm_ros.ros.live_eval import record_live
+from support.domains import domain_ids
 
-DOMAIN_IDS = {'onnxruntime': 229, 'torch': 230}  # Fast DDS allows ids up to 232
+DOMAIN_IDS = dict(zip(('onnxruntime', 'torch'), domain_ids(__file__), strict=True))
 
 
 @pytest.fixture(scope='module')

@@ -12,17 +12,19 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 import pytest
-from node_helpers.frames import overlay_rgb, photo
-from node_helpers.ros_driver import (
+from sensor_msgs.msg import CompressedImage, Image
+
+from support.domains import domain_id
+from support.frames import overlay_rgb, photo
+from support.ros_driver import (
     RELIABLE,
     NodeSession,
     compressed_image,
     running_session,
     stamp_ns_of,
 )
-from sensor_msgs.msg import CompressedImage, Image
 
-DOMAIN_ID = 222
+DOMAIN_ID = domain_id(__file__)
 HEIGHT, WIDTH = 240, 320
 PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=8']
 

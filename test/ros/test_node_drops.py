@@ -19,17 +19,19 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticStatus
-from node_helpers.frames import photo
-from node_helpers.ros_driver import (
+from sensor_msgs.msg import Image
+
+from support.domains import domain_id
+from support.frames import photo
+from support.ros_driver import (
     WAIT_S,
     NodeSession,
     raw_image,
     running_session,
     stamp_ns_of,
 )
-from sensor_msgs.msg import Image
 
-DOMAIN_ID = 224
+DOMAIN_ID = domain_id(__file__)
 BURST = 30  # frames per burst; qos.depth and the driver's publisher keep them all
 MAX_BURSTS = 10  # the first burst drops frames in practice; a queueing node never does
 # Reliable and deep: DDS delivers every frame to the callback (the slot alone drops). No

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from node_helpers.ros_driver import WAIT_S, NodeProcess, startup_outcome
 
-DOMAIN_ID = 202
+from support.domains import domain_id
+from support.ros_driver import WAIT_S, NodeProcess, startup_outcome
+
+DOMAIN_ID = domain_id(__file__)
 
 # engine_dir relative to the test folder, text of the reason
 CASES = {

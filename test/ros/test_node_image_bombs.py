@@ -22,12 +22,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from node_helpers.frames import photo
-from node_helpers.image_bombs import BOMBS
-from node_helpers.ros_driver import ROOT, NodeSession, compressed_image, running_session
 from sensor_msgs.msg import CompressedImage
 
-DOMAIN_ID = 200
+from support.domains import domain_id
+from support.frames import photo
+from support.image_bombs import BOMBS
+from support.ros_driver import ROOT, NodeSession, compressed_image, running_session
+
+DOMAIN_ID = domain_id(__file__)
 HEIGHT, WIDTH = 120, 160
 PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=8']
 RSS_BUDGET_MIB = 100.0
@@ -134,8 +136,8 @@ def test_opencv_pixel_limit_is_in_effect_in_the_node_process() -> None:
     code = ('import sys\n'
             'from malmm_ros.ros.anticipate_node import main\n'
             'import cv2, numpy as np\n'
-            f'sys.path.insert(0, {str(ROOT / "test" / "ros")!r})\n'
-            'from node_helpers.image_bombs import png_declaring\n'
+            f'sys.path.insert(0, {str(ROOT / "test")!r})\n'
+            'from support.image_bombs import png_declaring\n'
             'data = np.frombuffer(png_declaring(20000, 20000), np.uint8)\n'
             'try:\n'
             '    cv2.imdecode(data, cv2.IMREAD_COLOR)\n'

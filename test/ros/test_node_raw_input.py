@@ -13,11 +13,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from node_helpers.frames import BYTES_PER_PIXEL, UYVY, YUYV, overlay_rgb, pack_raw, photo
-from node_helpers.ros_driver import RELIABLE, NodeSession, raw_image, running_session, stamp_ns_of
 from sensor_msgs.msg import Image
 
-DOMAIN_ID = 221
+from support.domains import domain_id
+from support.frames import BYTES_PER_PIXEL, UYVY, YUYV, overlay_rgb, pack_raw, photo
+from support.ros_driver import RELIABLE, NodeSession, raw_image, running_session, stamp_ns_of
+
+DOMAIN_ID = domain_id(__file__)
 HEIGHT, WIDTH = 240, 320
 PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=8',
           'qos.reliability:=reliable', 'qos.depth:=2']

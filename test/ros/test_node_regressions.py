@@ -14,8 +14,10 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 import pytest
-from node_helpers.frames import photo
-from node_helpers.ros_driver import (
+
+from support.domains import domain_ids
+from support.frames import photo
+from support.ros_driver import (
     WAIT_S,
     NodeSession,
     compressed_image,
@@ -23,8 +25,7 @@ from node_helpers.ros_driver import (
     running_session,
 )
 
-DOMAIN_ID = 227  # the compressed node
-RAW_DOMAIN_ID = 228  # the raw node
+DOMAIN_ID, RAW_DOMAIN_ID = domain_ids(__file__)  # the compressed node, the raw node
 HEIGHT, WIDTH = 240, 320
 PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=8']
 

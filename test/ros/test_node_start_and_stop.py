@@ -17,8 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from node_helpers.frames import photo
-from node_helpers.ros_driver import (
+
+from malmm_ros.config import field_specs, load_config
+from malmm_ros.model.checkpoint import save_checkpoint, untrained_model
+from support.domains import domain_ids
+from support.frames import photo
+from support.ros_driver import (
     CONFIG,
     WAIT_S,
     NodeProcess,
@@ -31,12 +35,8 @@ from node_helpers.ros_driver import (
     wait_until,
 )
 
-from malmm_ros.config import field_specs, load_config
-from malmm_ros.model.checkpoint import save_checkpoint, untrained_model
-
-DOMAIN_ID = 193  # start-up cases (none of them gets to talk)
-SIGNAL_DOMAIN_ID = 194
-NAN_DOMAIN_ID = 195
+# Start-up cases (none of them gets to talk), the signal cases, the NaN checkpoint.
+DOMAIN_ID, SIGNAL_DOMAIN_ID, NAN_DOMAIN_ID = domain_ids(__file__)
 
 
 def _run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_helpers.ros_driver import CONFIG, WAIT_S, NodeProcess, startup_outcome
 
-DOMAIN_ID = 225
+from support.domains import domain_id
+from support.ros_driver import CONFIG, WAIT_S, NodeProcess, startup_outcome
+
+DOMAIN_ID = domain_id(__file__)
 
 # -p argument, text the ERROR line must contain
 CASES = {

@@ -17,8 +17,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticStatus
-from node_helpers.frames import photo
-from node_helpers.ros_driver import (
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from support.domains import domain_id
+from support.frames import photo
+from support.ros_driver import (
     LATCHED,
     NODE_NAME,
     RELIABLE,
@@ -27,10 +31,8 @@ from node_helpers.ros_driver import (
     running_session,
     stamp_ns_of,
 )
-from sensor_msgs.msg import Image
-from std_msgs.msg import String
 
-DOMAIN_ID = 223
+DOMAIN_ID = domain_id(__file__)
 M = 4
 PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', f'memory_bank_length:={M}',
           'qos.reliability:=reliable', 'qos.depth:=5', 'stale_after_s:=2.0']

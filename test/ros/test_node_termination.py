@@ -13,8 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_helpers.frames import photo
-from node_helpers.ros_driver import (
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from support.domains import domain_id
+from support.frames import photo
+from support.ros_driver import (
     CAMERA_TOPIC,
     RELIABLE,
     WAIT_S,
@@ -27,10 +31,8 @@ from node_helpers.ros_driver import (
     stamp_ns_of,
     wait_until,
 )
-from sensor_msgs.msg import Image
-from std_msgs.msg import String
 
-DOMAIN_ID = 226
+DOMAIN_ID = domain_id(__file__)
 PARAMS = ['sample_fps:=0.0', 'publish_every_n:=1', 'memory_bank_length:=8']
 HEIGHT, WIDTH = 240, 320
 SIGNALS = [signal.SIGINT, signal.SIGTERM]

@@ -19,8 +19,17 @@ from typing import Any
 
 import pytest
 import torch
-from node_helpers.frames import photo
-from node_helpers.ros_driver import (
+from std_msgs.msg import String
+
+from malmm_ros.config import AnticipateConfig
+from malmm_ros.labels import LabelMaps
+from malmm_ros.model.checkpoint import save_checkpoint
+from malmm_ros.model.malmm import MalmmModel
+from malmm_ros.model.text import DESCRIPTION_SCHEMA, TextProjector
+from malmm_ros.model.tiny_llm import write_tiny_llm
+from support.domains import domain_ids
+from support.frames import photo
+from support.ros_driver import (
     RELIABLE,
     WAIT_S,
     NodeSession,
@@ -28,17 +37,8 @@ from node_helpers.ros_driver import (
     running_session,
     stamp_ns_of,
 )
-from std_msgs.msg import String
 
-from malmm_ros.config import AnticipateConfig
-from malmm_ros.data.labels import LabelMaps
-from malmm_ros.model.checkpoint import save_checkpoint
-from malmm_ros.model.malmm import MalmmModel
-from malmm_ros.model.text import DESCRIPTION_SCHEMA, TextProjector
-from malmm_ros.model.tiny_llm import write_tiny_llm
-
-DOMAIN_ID = 212  # the node with a quick LLM
-SLOW_DOMAIN_ID = 213  # the node with a slow LLM
+DOMAIN_ID, SLOW_DOMAIN_ID = domain_ids(__file__)  # the node with a quick LLM, a slow one
 MAX_NEW_TOKENS = 8
 SLOW_TOKENS = 300
 MIN_WHILE_BUSY = 3  # predictions made while one description was being written, at least

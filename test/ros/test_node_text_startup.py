@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from node_helpers.ros_driver import WAIT_S, NodeProcess, startup_outcome
 
 from malmm_ros.config import AnticipateConfig
-from malmm_ros.data.labels import LabelMaps
+from malmm_ros.labels import LabelMaps
 from malmm_ros.model.checkpoint import save_checkpoint
 from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.model.text import TextProjector
 from malmm_ros.model.tiny_llm import write_tiny_llm
+from support.domains import domain_id
+from support.ros_driver import WAIT_S, NodeProcess, startup_outcome
 
-DOMAIN_ID = 214
+DOMAIN_ID = domain_id(__file__)
 AT_ONCE = 3  # node processes starting together (each imports torch; the machine has 2 cores)
 
 

@@ -23,8 +23,9 @@ from malmm_ros.ros.parameters import (
     declare_config_parameters,
     field_specs,
 )
+from support.domains import domain_id
 
-ENV = {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_DOMAIN_ID': '231'}
+ENV = {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_DOMAIN_ID': str(domain_id(__file__))}
 
 
 def _leaf_fields(cls: type = AnticipateConfig, prefix: str = '') -> dict[str, Any]:

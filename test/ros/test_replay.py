@@ -1,7 +1,7 @@
 """malmm-replay over real DDS: a replay process and a collecting subscriber process.
 
 Both run as separate processes with their own ROS_DOMAIN_ID (localhost discovery only), so
-this test process never initialises rclpy. The subscriber (helpers/collect.py) writes what it
+this test process never initialises rclpy. The subscriber (test/support/collect.py) writes what it
 received as JSON; the test compares it with the bag read back by rosbags.
 """
 
@@ -22,26 +22,22 @@ import pytest
 
 from malmm_ros.data.bags import image_topics, read_camera_frames, write_camera_bag
 from malmm_ros.data.sample_stream import panning_frames
+from support.domains import domain_ids
 
 REPLAY = Path(sys.executable).with_name('malmm-replay')
-COLLECT = Path(__file__).resolve().parent / 'helpers' / 'collect.py'
+COLLECT = Path(__file__).resolve().parents[1] / 'support' / 'collect.py'
 START_NS = 1_700_000_000_250_000_000
 COLLECT_S = 60.0  # how long the subscriber waits for its messages: generous, a hang guard
 WAIT_S = 2 * COLLECT_S  # for any process to end (the subscriber's start-up and wait included)
 
-_DOMAIN_BASE = 150  # this file's ids: 150..199, distinct per test and per xdist worker
+_domains = itertools.cycle(domain_ids(__file__))  # each test the next id of this file's
 _counter = itertools.count()
-
-
-def _domain_id() -> int:
-    worker = re.sub(r'\D', '', os.environ.get('PYTEST_XDIST_WORKER', '')) or '0'
-    return _DOMAIN_BASE + (int(worker) * 7 + next(_counter)) % 50
 
 
 @pytest.fixture
 def ros_env() -> dict[str, str]:
     env = dict(os.environ)
-    env['ROS_DOMAIN_ID'] = str(_domain_id())
+    env['ROS_DOMAIN_ID'] = str(next(_domains))
     env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     env['PYTHONUNBUFFERED'] = '1'
     return env

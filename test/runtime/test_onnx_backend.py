@@ -11,7 +11,8 @@ import skimage.data
 import torch
 
 from malmm_ros.errors import CheckpointError, ConfigError, FrameError
-from malmm_ros.model.encoder import efficientnet_lite0, normalize, resize_and_crop
+from malmm_ros.imaging import resize_and_crop
+from malmm_ros.model.encoder import efficientnet_lite0, normalize
 from malmm_ros.runtime import create_encoder
 from malmm_ros.runtime.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from malmm_ros.runtime.onnxruntime_encoder import OnnxRuntimeEncoder

@@ -22,7 +22,7 @@ import skimage.data
 import torch
 
 from malmm_ros.errors import CheckpointError, ConfigError
-from malmm_ros.model.encoder import resize_and_crop
+from malmm_ros.imaging import resize_and_crop
 from malmm_ros.runtime import create_encoder
 from malmm_ros.runtime.engine_cache import ensure_cache_dir
 from malmm_ros.runtime.onnx_export import ONNX_FILENAME, ensure_onnx, export_onnx, open_onnx
@@ -90,6 +90,7 @@ def _cache_with(directory: Path, data: bytes) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # exports the encoder twice
 def test_onnxruntime_exports_into_engine_dir(tmp_path: Path, default_dir: Path,
                                              exported: bytes) -> None:
     engine_dir = tmp_path / 'my' / 'engines'  # missing, parents too
@@ -122,6 +123,7 @@ def test_ensure_onnx_takes_the_export_from_engine_dir(tmp_path: Path, default_di
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # exports the encoder again, per case
 @pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
 def test_corrupt_cached_export_is_exported_again(
     corruption: str, tmp_path: Path, exported: bytes, frames: np.ndarray,
@@ -146,6 +148,7 @@ def test_corrupt_cached_export_is_exported_again(
     assert 'export' not in caplog.text
 
 
+@pytest.mark.slow  # exports the encoder
 def test_corrupt_cached_export_is_repaired_for_ensure_onnx(tmp_path: Path,
                                                            exported: bytes) -> None:
     """ensure_onnx (the TensorRT backend's and malmm-export's ONNX file) repairs it too."""
@@ -154,6 +157,7 @@ def test_corrupt_cached_export_is_repaired_for_ensure_onnx(tmp_path: Path,
     assert cached.read_bytes() == exported
 
 
+@pytest.mark.slow  # exports the encoder
 def test_cached_export_that_fails_twice_names_both_reasons(tmp_path: Path,
                                                            exported: bytes) -> None:
     loads: list[bytes] = []
@@ -266,6 +270,7 @@ def test_folder_without_permission_is_a_config_error(tmp_path: Path) -> None:
         unreadable.chmod(0o700)
 
 
+@pytest.mark.slow  # exports the encoder
 def test_export_that_cannot_be_written_into_the_cache_names_it(tmp_path: Path) -> None:
     engine_dir = tmp_path / 'engines'
     (engine_dir / ONNX_FILENAME).mkdir(parents=True)  # renaming onto a folder fails
@@ -288,6 +293,7 @@ def test_export_under_a_file_is_a_config_error(blocker: Path) -> None:
         export_onnx(target)
 
 
+@pytest.mark.slow  # exports the encoder
 def test_failed_export_leaves_nothing_behind(tmp_path: Path) -> None:
     target = tmp_path / 'encoder.onnx'
     target.mkdir()  # the final rename fails after the graph was written
@@ -315,6 +321,7 @@ print(encoder.run(np.zeros((1, 224, 224, 3), np.uint8)).shape)
 '''
 
 
+@pytest.mark.slow  # two processes, each exporting the encoder
 def test_two_processes_exporting_into_one_cache_both_get_a_whole_file(
     tmp_path: Path, exported: bytes
 ) -> None:

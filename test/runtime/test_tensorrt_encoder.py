@@ -69,6 +69,7 @@ def _stand_in_machine(
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh process that imports torch
 def test_module_does_not_import_tensorrt() -> None:
     code = (
         'import sys, malmm_ros.runtime.tensorrt_encoder, malmm_ros.runtime.engine_cache\n'
@@ -260,7 +261,7 @@ def fp16_encoder(onnx_export: Path, engine_dir: Path) -> TensorRTEncoder:
 def images() -> np.ndarray:
     import skimage.data
 
-    from malmm_ros.model.encoder import resize_and_crop
+    from malmm_ros.imaging import resize_and_crop
 
     return np.stack([resize_and_crop(skimage.data.chelsea()),
                      resize_and_crop(skimage.data.coffee())])  # [2, 224, 224, 3]

@@ -21,7 +21,7 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from malmm_ros.ros.image_codec import decode_compressed, decode_image
+from malmm_ros.imaging import decode_compressed, decode_image
 
 __all__ = ['main']
 

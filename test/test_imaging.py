@@ -1,4 +1,4 @@
-"""sensor_msgs/Image and CompressedImage payloads <-> numpy RGB (malmm_ros.ros.image_codec).
+"""sensor_msgs/Image and CompressedImage payloads <-> numpy RGB (malmm_ros.imaging).
 
 Every payload is packed by hand here with numpy (the layouts of REP 118 / sensor_msgs), so a
 decoder that mixes up channel order, endianness, row padding or the YUV byte order fails.
@@ -21,15 +21,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from node_helpers import image_bombs
-from node_helpers.image_bombs import BOMBS
 
 from malmm_ros.config import AnticipateConfig
 from malmm_ros.decode_limits import MAX_DECODE_PIXELS
 from malmm_ros.errors import FrameError
-from malmm_ros.ros.image_codec import decode_compressed, decode_image, encode_bgr8
+from malmm_ros.imaging import decode_compressed, decode_image, encode_bgr8
+from support import image_bombs
+from support.image_bombs import BOMBS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 6, 10
 
 
@@ -408,7 +408,7 @@ def test_compressed_image_larger_than_max_side_raises() -> None:
 
 
 # -- decompression bombs -------------------------------------------------------------------
-# Payloads from node_helpers/image_bombs.py: tiny files that declare huge images.
+# Payloads from test/support/image_bombs.py: tiny files that declare huge images.
 
 REFUSALS = {  # bomb -> what the refusal must say
     'webp_16383x16383': r"unsupported compressed format 'webp'",
@@ -427,9 +427,9 @@ REFUSALS = {  # bomb -> what the refusal must say
 BOMB_SCRIPT = """
 import json, resource, sys
 from malmm_ros.errors import FrameError
-from malmm_ros.ros.image_codec import decode_compressed
+from malmm_ros.imaging import decode_compressed
 sys.path.insert(0, {helpers!r})
-from node_helpers.image_bombs import BOMBS
+from support.image_bombs import BOMBS
 fmt, make = BOMBS[{name!r}]
 data = make()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -444,7 +444,7 @@ print(json.dumps({{'outcome': outcome, 'growth_mib': growth_kib / 1024, 'bytes':
 
 
 def _decode_in_subprocess(name: str, max_side: int = 4096) -> dict:
-    code = BOMB_SCRIPT.format(helpers=str(REPO / 'test' / 'ros'), name=name, max_side=max_side)
+    code = BOMB_SCRIPT.format(helpers=str(REPO / 'test'), name=name, max_side=max_side)
     result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -714,11 +714,11 @@ def test_pixel_budget_matches_the_largest_max_image_side() -> None:
 
 FENCE_SCRIPT = """
 import json, os, sys
-import malmm_ros.ros.image_codec
+import malmm_ros.imaging
 import cv2
 import numpy as np
 sys.path.insert(0, {helpers!r})
-from node_helpers.image_bombs import png_declaring
+from support.image_bombs import png_declaring
 out = {{'env': os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS')}}
 for width, height in {sizes!r}:
     try:
@@ -735,7 +735,7 @@ def _fence(sizes: list[tuple[int, int]], env_value: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != 'OPENCV_IO_MAX_IMAGE_PIXELS'}
     if env_value is not None:
         env['OPENCV_IO_MAX_IMAGE_PIXELS'] = env_value
-    code = FENCE_SCRIPT.format(helpers=str(REPO / 'test' / 'ros'), sizes=sizes)
+    code = FENCE_SCRIPT.format(helpers=str(REPO / 'test'), sizes=sizes)
     result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
@@ -765,7 +765,7 @@ def test_opencv_refusal_becomes_a_frame_error() -> None:
             "os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'] = '1000'\n"
             'import cv2, numpy as np\n'
             'from malmm_ros.errors import FrameError\n'
-            'from malmm_ros.ros.image_codec import decode_compressed\n'
+            'from malmm_ros.imaging import decode_compressed\n'
             "ok, png = cv2.imencode('.png', np.zeros((40, 40, 3), np.uint8))\n"
             'try:\n'
             "    decode_compressed('png', png.tobytes())\n"
@@ -804,7 +804,7 @@ def test_encode_bgr8_of_a_non_contiguous_view() -> None:
 def test_module_imports_no_ros() -> None:
     code = (
         'import sys\n'
-        'import malmm_ros.ros.image_codec\n'
+        'import malmm_ros.imaging\n'
         "roots = {'rclpy', 'rosidl_runtime_py', 'sensor_msgs', 'std_msgs', 'cv_bridge'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in roots))\n"
     )

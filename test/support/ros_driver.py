@@ -38,7 +38,9 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-ROOT = Path(__file__).resolve().parents[3]
+from support.domains import ASSIGNED
+
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / 'config' / 'anticipate.yaml'
 FASTDDS_PROFILE = ROOT / 'config' / 'fastdds.xml'
 NODE_NAME = 'malmm_anticipate'
@@ -72,7 +74,7 @@ def dds_profile() -> str | None:
 
 def ros_env(domain_id: int) -> dict[str, str]:
     """Environment of a process that must stay on `domain_id` and on this machine."""
-    assert 150 <= domain_id <= 230, 'test domains live in 150..230'
+    assert domain_id in ASSIGNED, f'domain {domain_id} is not in test/support/domains.py'
     env = dict(os.environ)
     env.update(ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
                PYTHONUNBUFFERED='1')
@@ -156,7 +158,7 @@ class NodeProcess:
 
 
 class CameraStream:
-    """node_helpers/camera_stream.py as a subprocess: rgb8 photos at `rate` Hz on the camera
+    """camera_stream.py as a subprocess: rgb8 photos at `rate` Hz on the camera
     topic of `domain_id`, from its first matched subscriber until stop() (or `seconds`)."""
 
     SCRIPT = Path(__file__).with_name('camera_stream.py')
@@ -257,7 +259,7 @@ class Driver:
     """An rclpy node in a private Context on `domain_id`, spun in a background thread."""
 
     def __init__(self, domain_id: int, name: str = 'malmm_test_driver') -> None:
-        assert 150 <= domain_id <= 230, 'test domains live in 150..230'
+        assert domain_id in ASSIGNED, f'domain {domain_id} is not in test/support/domains.py'
         # Read by rcl_init below; every test process wants loopback-only discovery anyway, and
         # the node's DDS profile (read once per process, when the first participant is made).
         os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'

@@ -2,8 +2,8 @@
 
 Each is a real file that a decoder without limits decodes in full (pixels and all), built here
 by hand from the formats' definitions (RIFF/VP8L, TIFF 6.0, JPEG markers, PNG chunks) so that
-none needs the huge image in memory to be made. Shared by test_image_codec.py (the codec) and
-test_node_image_bombs.py (the node over DDS).
+none needs the huge image in memory to be made. Shared by test/test_imaging.py (the codec) and
+test/ros/test_node_image_bombs.py (the node over DDS).
 """
 
 from __future__ import annotations

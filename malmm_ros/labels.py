@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from malmm_ros.data.csv_file import open_csv
+import numpy as np
+
 from malmm_ros.errors import DataError
+from malmm_ros.files import open_csv
 
 __all__ = [
     'ActionLabel',
@@ -25,8 +27,10 @@ __all__ = [
     'NOUN_CLASSES_FILE',
     'VERB_CLASSES_FILE',
     'action_id',
+    'action_ids',
     'load_class_csv',
     'load_ek100_labels',
+    'top_pairs',
 ]
 
 VERB_CLASSES_FILE = 'EPIC_100_verb_classes.csv'
@@ -76,6 +80,30 @@ def action_id(verb_id: int, noun_id: int) -> int:
     if noun_id >= _ACTION_STRIDE:
         raise ValueError(f'noun_id must be below {_ACTION_STRIDE}, got {noun_id}')
     return int(verb_id) * _ACTION_STRIDE + int(noun_id)
+
+
+def action_ids(verb_ids: np.ndarray, noun_ids: np.ndarray) -> np.ndarray:
+    """`action_id` for arrays of non-negative class ids (int64, same shape)."""
+    verbs, nouns = np.asarray(verb_ids, dtype=np.int64), np.asarray(noun_ids, dtype=np.int64)
+    if (verbs < 0).any() or (nouns < 0).any() or (nouns >= _ACTION_STRIDE).any():
+        raise ValueError(f'class ids must be >= 0 and noun ids below {_ACTION_STRIDE}')
+    return verbs * _ACTION_STRIDE + nouns
+
+
+def top_pairs(verb_probs: np.ndarray, noun_probs: np.ndarray, k: int
+              ) -> list[tuple[int, int, float]]:
+    """The k best (verb id, noun id, p(verb) * p(noun)) of one prediction, best first.
+
+    The best k pairs only involve the k best verbs and the k best nouns, so a k x k product
+    suffices. Sorting is stable: ties go to the better-ranked verb, then noun (lower ids first
+    among equal probabilities), so the node and the evaluation rank pairs alike.
+    """
+    verbs = np.argsort(-verb_probs, kind='stable')[:k]  # (k_v,)
+    nouns = np.argsort(-noun_probs, kind='stable')[:k]  # (k_n,)
+    product = (verb_probs[verbs][:, None] * noun_probs[nouns][None, :]).reshape(-1)  # k_v*k_n
+    best = np.argsort(-product, kind='stable')[:k]
+    return [(int(verbs[i // len(nouns)]), int(nouns[i % len(nouns)]), float(product[i]))
+            for i in best]
 
 
 def _check_classes(labels: Sequence[object], kind: str) -> tuple[ClassLabel, ...]:

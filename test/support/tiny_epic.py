@@ -1,6 +1,6 @@
 """A tiny EPIC-KITCHENS-100-format dataset made by the tests: frames, MP4s, CSVs, rosbags.
 
-    from tiny_epic import make_tiny_epic
+    from support.tiny_epic import make_tiny_epic
     tiny = make_tiny_epic(tmp_path)          # 2 videos x 20 s at 30 fps, about 2 s to write
 
 Each video is a camera panning over real photos (scikit-image samples), one photo per

@@ -1,23 +1,26 @@
-"""Tests for the EK-100 label vocabularies in malmm_ros.data.labels."""
+"""Tests for the EK-100 label vocabularies in malmm_ros.labels."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from malmm_ros.data import (
+from malmm_ros.errors import DataError
+from malmm_ros.labels import (
     ActionLabel,
     ClassLabel,
     LabelMaps,
     action_id,
     load_class_csv,
     load_ek100_labels,
+    top_pairs,
 )
-from malmm_ros.errors import DataError
 
 
 def _epic_dir() -> Path:
@@ -25,7 +28,7 @@ def _epic_dir() -> Path:
     env = os.environ.get('MALMM_EPIC_DIR')
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / 'shared' / 'epic100'
+    return Path(__file__).resolve().parents[2] / 'shared' / 'epic100'
 
 
 @pytest.fixture(scope='module')
@@ -356,3 +359,46 @@ def test_load_class_csv_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b'id,key\n0,caf\xe9\n')
     with pytest.raises(DataError, match='not valid UTF-8'):
         load_class_csv(path, kind='noun')
+
+
+# -- top (verb, noun) pairs ------------------------------------------------------------------
+
+
+def _brute_force_pairs(verb: np.ndarray, noun: np.ndarray, k: int
+                       ) -> list[tuple[float, int, int]]:
+    """Every (verb, noun) pair scored and sorted (ties: lower verb, then lower noun), k kept."""
+    pairs = [(verb[v] * noun[n], v, n)
+             for v, n in itertools.product(range(len(verb)), range(len(noun)))]
+    pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
+    return pairs[:k]
+
+
+@pytest.mark.parametrize(
+    ('num_verbs', 'num_nouns', 'k'),
+    [(97, 300, 5), (10, 20, 1), (3, 50, 5), (50, 2, 5), (4, 3, 20), (1, 1, 5), (30, 30, 12),
+     (20, 30, 100)],
+)
+def test_top_pairs_equal_brute_force(num_verbs: int, num_nouns: int, k: int) -> None:
+    rng = np.random.default_rng(num_verbs * 1000 + num_nouns + k)
+    for _ in range(3):
+        verb, noun = rng.dirichlet(np.ones(num_verbs)), rng.dirichlet(np.ones(num_nouns))
+        pairs = top_pairs(verb, noun, k)
+        expected = _brute_force_pairs(verb, noun, k)
+        assert len(pairs) == min(k, num_verbs * num_nouns)
+        assert [(v, n) for v, n, _ in pairs] == [(v, n) for _, v, n in expected]
+        np.testing.assert_allclose([s for _, _, s in pairs], [s for s, _, _ in expected],
+                                   rtol=1e-12)
+        for v, n, score in pairs:  # the scores are the products of the ids' probabilities
+            assert score == pytest.approx(verb[v] * noun[n])
+
+
+def test_top_pairs_with_peaked_distributions() -> None:
+    pairs = top_pairs(np.array([0.05, 0.9, 0.05]), np.array([0.1, 0.2, 0.7]), 2)
+    assert [(v, n) for v, n, _ in pairs] == [(1, 2), (1, 1)]
+    np.testing.assert_allclose([s for _, _, s in pairs], [0.63, 0.18])
+
+
+def test_top_pairs_break_ties_by_id() -> None:
+    """Equal probabilities: the lower ids first, the same in the node and the evaluation."""
+    pairs = top_pairs(np.full(4, 0.25), np.full(3, 1 / 3), 5)
+    assert [(v, n) for v, n, _ in pairs] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]

@@ -1,13 +1,17 @@
-"""sensor_msgs/Image and CompressedImage payloads <-> numpy RGB, without cv_bridge.
+"""Camera images without ROS: message payloads <-> numpy RGB, size checks, the encoder's crop.
 
-Pure numpy/OpenCV on the message's fields, so it is tested without ROS and works with numpy 2
-(cv_bridge's numpy 2 breakage is a common complaint). Every failure is a FrameError that says
-what was wrong; nothing here ever returns a half-decoded frame.
+Raw sensor_msgs/Image and CompressedImage payloads are decoded with numpy and OpenCV, without
+cv_bridge, so this is tested without ROS and works with numpy 2 (cv_bridge's numpy 2 breakage is
+a common complaint); the node, the bag readers and feature extraction all decode here. Every
+failure is a FrameError that says what was wrong; nothing here ever returns a half-decoded frame.
 
 A compressed payload is a decompression bomb waiting to happen (a 32-byte WebP can declare
 16383x16383 pixels), so only JPEG and PNG are decoded, recognised by their magic bytes, and their
 declared size is read from the header and checked before a single pixel is decoded. OpenCV's own
 pixel limit (malmm_ros.decode_limits, imported before cv2 for that reason) is the second fence.
+
+`resize_and_crop` is the encoder's eval geometry (uint8 in, uint8 out), shared by every encoder
+backend, the pipeline and feature extraction.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ import simplejpeg
 
 from malmm_ros.errors import FrameError
 
-__all__ = ['ENCODINGS', 'decode_compressed', 'decode_image', 'encode_bgr8']
+__all__ = ['ENCODINGS', 'IMAGE_SIZE', 'RESIZE_SIZE', 'check_image', 'decode_compressed',
+           'decode_image', 'describe_image', 'encode_bgr8', 'resize_and_crop']
+
+IMAGE_SIZE = 224  # the encoder's input side
+RESIZE_SIZE = 256  # shorter side before the centre crop: crop fraction 224/256 (TF eval)
 
 # encoding -> (bytes per pixel, channels of the raw layout)
 ENCODINGS = {
@@ -227,3 +235,44 @@ def encode_bgr8(rgb: np.ndarray) -> tuple[int, int, int, bytes]:
     """HxWx3 uint8 RGB -> (width, height, step, bgr8 bytes) for a sensor_msgs/Image."""
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     return bgr.shape[1], bgr.shape[0], bgr.shape[1] * 3, bgr.tobytes()
+
+
+def describe_image(image: object) -> str:
+    """Shape and dtype of an array (or the type of anything else), for error messages."""
+    if isinstance(image, np.ndarray):
+        return f'shape {image.shape}, dtype {image.dtype}'
+    return f'type {type(image).__name__}'
+
+
+def check_image(image: object) -> None:
+    """Raise FrameError unless `image` is a non-empty HxWx3 uint8 numpy array (cheap)."""
+    if not isinstance(image, np.ndarray):
+        raise FrameError(f'expected an HxWx3 uint8 RGB numpy array, got {describe_image(image)}')
+    if image.dtype != np.uint8:
+        raise FrameError(f'expected a uint8 RGB image, got {describe_image(image)}')
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise FrameError(f'expected an HxWx3 RGB image, got {describe_image(image)}')
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise FrameError(f'expected a non-empty image, got {describe_image(image)}')
+
+
+def resize_and_crop(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB of any size -> 224x224x3 uint8 RGB (TF EfficientNet eval crop).
+
+    Geometrically this is "resize the shorter side to 256, centre crop 224". It is computed the
+    way TF EfficientNet does it (centre crop a square of 224/256 of the shorter side, then
+    resize that square to 224), which never builds a huge intermediate for extreme aspect
+    ratios. INTER_AREA when shrinking (anti-aliased), INTER_CUBIC when enlarging.
+    """
+    check_image(image)
+    height, width = image.shape[:2]
+
+    crop = max(1, int(IMAGE_SIZE / RESIZE_SIZE * min(height, width)))
+    top = (height - crop + 1) // 2
+    left = (width - crop + 1) // 2
+    # Copy: makes the crop contiguous (OpenCV rejects negative strides, e.g. BGR->RGB views).
+    square = np.ascontiguousarray(image[top : top + crop, left : left + crop])
+    if crop == IMAGE_SIZE:
+        return square
+    interpolation = cv2.INTER_AREA if crop > IMAGE_SIZE else cv2.INTER_CUBIC
+    return cv2.resize(square, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)

@@ -1,7 +1,7 @@
 """Test frames: real photos packed into every raw encoding, with what each must decode to.
 
 The packing and the expected RGB are written here from the encodings' definitions (BT.601 for
-YUV 4:2:2, full-range scaling for mono16) and never call malmm_ros.ros.image_codec, so a
+YUV 4:2:2, full-range scaling for mono16) and never call malmm_ros.imaging, so a
 decoding mistake in the node cannot hide behind the same mistake in the test.
 """
 
