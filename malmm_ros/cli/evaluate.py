@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     try:
         code = _run(args, console)
-    except (MalmmError, OSError, ValueError) as exc:
+    except (MalmmError, OSError) as exc:  # OSError: an output folder that cannot be written
         print(f'ERROR: {exc}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

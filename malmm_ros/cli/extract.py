@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = write_summary(out, results, {
             'source': sources[0].kind, 'source_dir': str(args.frames_root or args.videos),
             'sample_fps': args.sample_fps, 'backend': encoder.name})
-    except (MalmmError, ValueError) as exc:  # ValueError: a config dataclass refusing a value
+    except MalmmError as exc:
         print(f'ERROR: {exc}', file=sys.stderr)
         return 1
     Console().print(_table(results))

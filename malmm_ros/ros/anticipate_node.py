@@ -84,7 +84,6 @@ class AnticipateNode(Node):
         self.stats = NodeStats()
         self._pipeline_lock = threading.Lock()  # pipeline swap, reset and push
         self._last_prediction: Prediction | None = None
-        self._last_stamp_ns: int | None = None
         self._predictions_undescribed = 0  # predictions since the last description request
 
         reliability = (ReliabilityPolicy.RELIABLE if self.config.qos.reliability == 'reliable'

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from malmm_ros.data import (
+from malmm_ros.data.epic import (
     AnticipationSample,
     Segment,
     action_label_indices,
