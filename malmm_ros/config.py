@@ -44,13 +44,16 @@ class ModelConfig:
     cross_attention_every: int = spec(2, 'layer i cross-attends when i % this == 0', 1, 48)
     time_buckets: int = spec(16, 'log-spaced age buckets of the relative-time bias', 2, 256)
     max_age_s: float = spec(600.0, 'ages beyond this share the last time bucket', 1.0, 1e7)
+    time_features: int = spec(16, 'age code added to stored keys and values, so the order of '
+                              'remembered things reaches the heads (a multiple of 4; 0: the '
+                              'attention bias only, as checkpoints before it)', 0, 256)
     recompute_projections: bool = spec(
         False, 'recompute bank key/value projections every step (slow; for comparison)')
 
     # Fields that describe weights; the rest are run-time switches.
     ARCHITECTURE = ('num_layers', 'hidden_size', 'num_heads', 'intermediate_size',
                     'num_queries', 'encoder_width', 'cross_attention_every', 'time_buckets',
-                    'max_age_s')
+                    'max_age_s', 'time_features')
 
     def __post_init__(self) -> None:
         validate_fields(self, 'model')
@@ -59,6 +62,9 @@ class ModelConfig:
                 f'model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads '
                 f'({self.num_heads})'
             )
+        if self.time_features % 4:
+            raise ConfigError(f'model.time_features must be a multiple of 4 (decays and sin/cos '
+                              f'pairs), got {self.time_features}')
 
     def architecture(self) -> dict[str, Any]:
         """The fields a checkpoint's weights depend on."""

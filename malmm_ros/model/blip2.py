@@ -83,8 +83,9 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
     """Copy BLIP-2 Q-Former weights into `qformer`; every Q-Former weight must be found.
 
     Missing weights, shape mismatches and Q-Former weights with no counterpart (a 12-layer state
-    dict into a 2-layer config) raise CheckpointError naming them; time-bias tables are the
-    only parameters allowed to stay unset (they are zeroed).
+    dict into a 2-layer config) raise CheckpointError naming them; our time parameters (bias
+    tables, age-code projections) are the only ones allowed to stay unset: they are zeroed, so
+    the loaded Q-Former computes what BLIP-2's does on a single frame.
     """
     mapping = blip2_key_map(state_dict)
     ours = qformer.state_dict()
@@ -102,7 +103,8 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
             shapes.append(f'{key} {tuple(tensor.shape)} -> {name} {tuple(ours[name].shape)}')
             continue
         loaded[name] = tensor
-    missing = sorted(n for n in ours if n not in loaded and '.time_bias.' not in n)
+    ours_only = ('.time_bias.', '.age.')
+    missing = sorted(n for n in ours if n not in loaded and not any(t in n for t in ours_only))
     if shapes or missing or extra:
         details = []
         if extra:
@@ -119,3 +121,5 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
         for module_name, module in qformer.named_modules():
             if module_name.endswith('time_bias'):
                 module.table.zero_()
+            elif module_name.endswith('.age'):
+                module.weight.zero_()

@@ -142,6 +142,8 @@ def load_checkpoint(
     stored = metadata.get('model')
     if not isinstance(stored, dict):
         raise CheckpointError(f'checkpoint {path}: metadata has no "model" section')
+    # Checkpoints from before the age code have no time_features: they ran with the bias only.
+    stored = {'time_features': 0, **stored}
     try:
         arch = model_preset(stored.get('preset', 'edge'),
                             **{k: v for k, v in stored.items() if k != 'preset'})
@@ -160,8 +162,12 @@ def load_checkpoint(
         diffs = [f'{name}: config {wanted[name]!r} vs checkpoint {found[name]!r}'
                  for name in wanted if wanted[name] != found[name]]
         if diffs:
+            hint = ''
+            if found['time_features'] == 0 and wanted['time_features']:
+                hint = ('; it was trained with the older time encoding (attention bias only): '
+                        'set model.time_features: 0 to run it, or train it again')
             raise CheckpointError(f'checkpoint {path} does not match the config: '
-                                  + '; '.join(diffs))
+                                  + '; '.join(diffs) + hint)
         arch = config  # keep the run-time switches of the caller's config
     model = MalmmModel(arch, labels, **dims)
     state = _read_tensors(path, lambda name: not name.startswith(TEXT_PROJECTOR_PREFIX))

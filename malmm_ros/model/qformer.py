@@ -20,7 +20,7 @@ from torch import nn
 
 from malmm_ros.config import ModelConfig
 from malmm_ros.model.memory import MemoryBank, MemorySpec, StreamMemory
-from malmm_ros.model.time_encoding import RelativeTimeBias, age_buckets
+from malmm_ros.model.time_encoding import RelativeTimeBias, age_buckets, age_features
 
 __all__ = ['FeedForward', 'MemoryAttention', 'MemoryQFormer', 'QFormerLayer']
 
@@ -42,15 +42,20 @@ class MemoryAttention(nn.Module):
         self.output = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width, eps=1e-12)
         self.time_bias = RelativeTimeBias(config.num_heads, config.time_buckets, config.max_age_s)
+        # Age code -> [key shift ; value shift], one matmul (time_encoding.py).
+        self.age = (nn.Linear(config.time_features, 2 * width, bias=False)
+                    if config.time_features else None)
 
     def forward(self, hidden: torch.Tensor, current: torch.Tensor, bank: MemoryBank,
-                buckets: torch.Tensor, group: int | None = None) -> torch.Tensor:
+                buckets: torch.Tensor, ages: torch.Tensor | None,
+                group: int | None = None) -> torch.Tensor:
         """hidden [B, Q, D] attends over the bank, whose newest frame is `current` [B, N, C].
 
         The caller has already put `current` into the bank (open_slot/write); this writes the
         frame's key/value projections into the bank's cache (when it has one) and reads every
         stored frame's from there, so stored frames are never projected again. `buckets`
-        [B, S*N] are the age buckets of the bank's slots (computed once per bank and step).
+        [B, S*N] are the age buckets of the bank's slots and `ages` [B, S*N, F] their age code
+        (both computed once per bank and step); the age terms are added here, never cached.
         """
         batch, num_q, width = hidden.shape
         key_name, value_name = f'{self.cache_key}.k', f'{self.cache_key}.v'
@@ -69,6 +74,10 @@ class MemoryAttention(nn.Module):
             tokens = bank.place_newest(bank.view('tokens', group), current, group)
             keys, values = self.key(tokens), self.value(tokens)
 
+        if self.age is not None:
+            key_shift, value_shift = self.age(ages).chunk(2, dim=-1)  # (B, S*N, D) each
+            keys = keys.reshape(batch, -1, width) + key_shift
+            values = values.reshape(batch, -1, width) + value_shift
         head_dim = width // self.num_heads
         q = self.query(hidden).view(batch, num_q, self.num_heads, head_dim).transpose(1, 2)
         k = keys.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, h, S*N, hd)
@@ -147,16 +156,22 @@ class MemoryQFormer(nn.Module):
         query_bank.open_slot(now_s, hidden)
         # Ages change every step but are shared by every layer reading a bank: bucket once.
         config = self.config
-        visual_buckets = age_buckets(visual_bank.ages(now_s).flatten(1), config.time_buckets,
-                                     config.max_age_s)  # (B, S*N)
-        query_buckets = age_buckets(query_bank.ages(now_s).flatten(1), config.time_buckets,
-                                    config.max_age_s)  # (L*B, S*Q)
+        visual_ages = visual_bank.ages(now_s).flatten(1)  # (B, S*N)
+        query_ages = query_bank.ages(now_s).flatten(1)  # (L*B, S*Q)
+        visual_buckets = age_buckets(visual_ages, config.time_buckets, config.max_age_s)
+        query_buckets = age_buckets(query_ages, config.time_buckets, config.max_age_s)
+        code = config.time_features
+        visual_code = age_features(visual_ages, code, hidden.dtype) if code else None
+        query_code = age_features(query_ages, code, hidden.dtype) if code else None
         for index, layer in enumerate(self.layers):
             query_bank.write('tokens', hidden, index)
-            rows = query_buckets[index * batch:(index + 1) * batch]
-            hidden = layer.self_attention(hidden, hidden, query_bank, rows, index)
+            rows = slice(index * batch, (index + 1) * batch)
+            hidden = layer.self_attention(hidden, hidden, query_bank, query_buckets[rows],
+                                          None if query_code is None else query_code[rows],
+                                          index)
             if layer.cross_attention is not None:
-                hidden = layer.cross_attention(hidden, visual, visual_bank, visual_buckets)
+                hidden = layer.cross_attention(hidden, visual, visual_bank, visual_buckets,
+                                               visual_code)
             hidden = layer.feed_forward(hidden)
         if memory.spec.query_memory:
             query_bank.commit()

@@ -1,25 +1,55 @@
-"""Relative-time attention bias: how MA-LMM's memory knows when a slot happened.
+"""How MA-LMM's memory knows when a slot happened: its age, used two ways.
 
-The public MA-LMM code adds a learned embedding of the absolute frame index (capped at 120 frames,
-so longer streams crash). We instead bias attention by each stored slot's age relative to now,
-computed from its count-weighted mean timestamp, looked up in log-spaced buckets with one learned
-value per head (in the spirit of T5's relative position buckets). Why this choice:
+The public MA-LMM code adds a learned embedding of the absolute frame index to the stored
+features (capped at 120 frames, so longer streams crash). We use each stored slot's age relative
+to now instead, computed from its count-weighted mean timestamp (so a merged slot's age is the
+mean age of the frames it holds), in seconds:
 
-- stationary: frame 100,000 sees the same ages as frame 100, so behaviour does not drift;
-- exact with cached projections: the bias touches attention logits only, never keys or values,
-  so the cached key/value projections of stored frames stay valid as slots age;
-- cheap: one table lookup per stored token position per step;
-- in seconds, not frames, so a model trained at one sampling rate degrades gracefully at another.
+1. `RelativeTimeBias`: a learned attention-logit bias per head and log-spaced age bucket (in
+   the spirit of T5's relative buckets), so a head can prefer recent or old slots. It starts as
+   a spread of age preferences (ALiBi-like slopes, of both signs): one head leans to the newest
+   slots, one to the oldest, the others in between. The start matters. With every head
+   indifferent to age, "A then B" and "B then A" give the same attention and the same outputs,
+   so the loss has no gradient towards order: the read-out and the age weights both sit at zero
+   and training waits at chance until noise breaks the tie (bench/sequence_bench.py: the zero
+   start stayed at chance; this one learns which-came-first in a few epochs). A head that leans
+   to old slots returns more of whichever cue is older from the first step, so the read-out
+   has something to learn at once.
+2. `age_features` (model.time_features > 0): a fixed multi-scale code of the age, projected by
+   each attention layer into a shift of the stored slots' keys and values at attention time
+   (MA-LMM's position embedding added to the features, made relative and continuous). Keys let
+   a head pick slots by age beyond the bucket bias (query-dependent); values put the age into
+   what a head returns, so the time of a remembered thing reaches the heads, not only its
+   content. Half the code is exponential decays exp(-age / tau), monotonic at every scale, so
+   "which is older" is a linear read-out; the other half is sin/cos pairs, which tell close ages
+   apart at every scale. (A scale of the values by age as well was measured too: no better on
+   the sequence task, and a third more weights.)
+
+Both keep what the memory guarantees:
+- stationary: frame 100,000 sees the same ages as frame 100 (no absolute index);
+- exact with cached projections: the age terms are added at attention time, never stored, so
+  the cached key/value projections of stored frames stay valid as slots age (a weighted mean
+  commutes with the projection; the age term is recomputed from the merged time);
+- cheap: one small matmul per bank and layer per step (bench/stream_bench.py measures it);
+- in seconds, not frames, so a model trained at one sampling rate degrades gracefully.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
-__all__ = ['RelativeTimeBias', 'age_buckets']
+__all__ = ['AGE_PREFERENCE_SPAN', 'RelativeTimeBias', 'age_buckets', 'age_features']
+
+# Timescales of the age code, geometric from 0.5 s to 2,000 s: sub-second order at camera rates
+# up to half an hour of kitchen activity.
+MIN_PERIOD_S, MAX_PERIOD_S = 0.5, 2000.0
+# Attention-logit range of the initial age preferences, newest to oldest bucket (bench/
+# sequence_bench.py: 3 left one seed of three short of 95 % in 12 epochs, 6 learned every one).
+AGE_PREFERENCE_SPAN = 6.0
 
 
 def age_buckets(ages_s: torch.Tensor, num_buckets: int, max_age_s: float) -> torch.Tensor:
@@ -35,14 +65,56 @@ def age_buckets(ages_s: torch.Tensor, num_buckets: int, max_age_s: float) -> tor
     return torch.where(ages_s > 0, past, torch.zeros_like(past))
 
 
+def age_features(ages_s: torch.Tensor, num_features: int,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Multi-scale code of ages in seconds: [..., num_features] (a multiple of 4).
+
+    The first half: exp(-age / tau_j), tau_j geometric in [0.5 s, 2,000 s] (1 for the current
+    frame, falling monotonically with age at every scale). The second half: (sin, cos) pairs of
+    2 pi age / T_j, T_j geometric over the same range. Ages below 0 (clock jitter) count as 0,
+    the current frame. In `dtype`: the model's, so no cast follows (float32 keeps ages of a
+    long session to a few ms, far finer than the shortest period).
+    """
+    decays = num_features // 2
+    # One multiply by the cached rates [-1/tau ; 2 pi/T], then exp on the first half and
+    # sin/cos on the second: few operators, as this runs for every bank on every step.
+    phase = ages_s.clamp(min=0).to(dtype).unsqueeze(-1) * _rates(num_features, ages_s.device,
+                                                                 dtype)
+    turns = phase[..., decays:]
+    return torch.cat([phase[..., :decays].exp(), turns.sin(), turns.cos()], dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _rates(num_features: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[-1/tau_j (F/2 decays) ; 2 pi/T_j (F/4 periods)], geometric in [0.5, 2000] s.
+
+    Built outside inference mode, so a first call under torch.inference_mode() does not cache
+    an inference tensor that training could not use.
+    """
+    lo, hi = math.log10(MIN_PERIOD_S), math.log10(MAX_PERIOD_S)
+    with torch.inference_mode(False):
+        taus = torch.logspace(lo, hi, num_features // 2, dtype=torch.float64, device=device)
+        periods = torch.logspace(lo, hi, num_features // 4, dtype=torch.float64, device=device)
+        return torch.cat([-1.0 / taus, 2 * math.pi / periods]).to(dtype)
+
+
 class RelativeTimeBias(nn.Module):
-    """Learned additive attention bias per head and age bucket (zero at init: no preference)."""
+    """Learned additive attention bias per head and age bucket.
+
+    Initialised as a spread of age preferences (see the module docstring): head h's bias rises
+    linearly over the buckets with slope s_h, s evenly spaced in [-AGE_PREFERENCE_SPAN,
+    +AGE_PREFERENCE_SPAN] from the head preferring the newest slots to the one preferring the
+    oldest (one head: no preference).
+    """
 
     def __init__(self, num_heads: int, num_buckets: int, max_age_s: float) -> None:
         super().__init__()
         self.num_buckets = num_buckets
         self.max_age_s = max_age_s
-        self.table = nn.Parameter(torch.zeros(num_buckets, num_heads))
+        ramp = torch.linspace(0.0, 1.0, num_buckets).unsqueeze(1)  # (buckets, 1)
+        slopes = (torch.linspace(-AGE_PREFERENCE_SPAN, AGE_PREFERENCE_SPAN, num_heads)
+                  if num_heads > 1 else torch.zeros(1))
+        self.table = nn.Parameter(ramp * slopes.unsqueeze(0))  # (buckets, heads)
 
     def forward(self, ages_s: torch.Tensor) -> torch.Tensor:
         """ages_s [B, S] -> bias [B, heads, 1, S], broadcast over the queries."""

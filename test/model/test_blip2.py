@@ -134,12 +134,14 @@ def _scramble(qformer: MemoryQFormer) -> None:
 
 def _check_landed(qformer: MemoryQFormer, expected: dict[str, torch.Tensor]) -> None:
     state = qformer.state_dict()
+    # Ours only, one per attention module: the time-bias table and the age-code projection.
     time_bias = {n for n in state if '.time_bias.' in n}
-    assert len(time_bias) == NUM_LAYERS + (NUM_LAYERS + 1) // 2
-    assert set(state) == set(expected) | time_bias, 'the written-out mapping misses a weight'
+    age = {n for n in state if '.age.' in n}
+    assert len(time_bias) == len(age) == NUM_LAYERS + (NUM_LAYERS + 1) // 2
+    assert set(state) == set(expected) | time_bias | age, 'the mapping misses a weight'
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
-    for name in time_bias:
+    for name in time_bias | age:
         assert torch.count_nonzero(state[name]) == 0, name
 
 

@@ -375,3 +375,37 @@ def test_every_other_checkpoint_counts_as_trained(saved: Path, tmp_path: Path) -
         assert checkpoint_is_trained(path) is True, training
     with pytest.raises(CheckpointError, match='does not exist'):
         checkpoint_is_trained(tmp_path / 'absent.safetensors')
+
+
+# -- checkpoints from before the age code (model.time_features) --------------------------------
+
+
+@pytest.fixture(scope='module')
+def old_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmModel]:
+    """A checkpoint as written before time_features existed: no such key, no age weights."""
+    old_config = ModelConfig(**{**CONFIG.architecture(), 'time_features': 0})
+    torch.manual_seed(5)
+    model = MalmmModel(old_config, LABELS, feature_dim=FEATURE_DIM, num_tokens=NUM_TOKENS).eval()
+    path = tmp_path_factory.mktemp('old') / 'old.safetensors'
+    save_checkpoint(path, model)
+    metadata, tensors = _raw(path)
+    header = json.loads(metadata['malmm_ros'])
+    del header['model']['time_features']
+    save_file(tensors, str(path), metadata={'malmm_ros': json.dumps(header)})
+    assert not any('.age.' in name for name in tensors)
+    return path, model
+
+
+def test_old_format_loads_with_the_bias_only(old_format: tuple[Path, MalmmModel]) -> None:
+    path, model = old_format
+    loaded = load_checkpoint(path)
+    assert loaded.config.time_features == 0
+    for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_old_format_against_a_new_config_says_why(old_format: tuple[Path, MalmmModel]) -> None:
+    path, _ = old_format
+    with pytest.raises(CheckpointError, match=r'time_features: config 16 vs checkpoint 0; it was '
+                                              r'trained with the older time encoding'):
+        load_checkpoint(path, CONFIG)

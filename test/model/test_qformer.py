@@ -117,6 +117,18 @@ def ref_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
 
+def ref_age_code(ages: np.ndarray, features: int) -> np.ndarray:
+    """[..., features]: exp(-age / tau) for F/2 taus, then (sin, cos) of 2 pi age / T for F/4
+    periods; taus and periods geometric in [0.5, 2000] s."""
+    def geometric(count: int) -> np.ndarray:
+        return 0.5 * (4000.0 ** (np.arange(count) / max(count - 1, 1)))
+
+    age = np.maximum(ages, 0.0)[..., None]
+    angle = age * 2 * np.pi / geometric(features // 4)
+    return np.concatenate([np.exp(-age / geometric(features // 2)), np.sin(angle),
+                           np.cos(angle)], axis=-1)
+
+
 def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tensor,
                   ages: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Post-norm residual multi-head attention of hidden [B,Q,D] over source [B,S,N,C]."""
@@ -125,8 +137,14 @@ def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tens
     head_dim = width // heads
     flat = source.reshape(batch, -1, source.shape[-1])  # (B, S*N, C)
     q = ref_linear(att.query, hidden).view(batch, num_q, heads, head_dim).permute(0, 2, 1, 3)
-    k = ref_linear(att.key, flat).view(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
-    v = ref_linear(att.value, flat).view(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
+    k, v = ref_linear(att.key, flat), ref_linear(att.value, flat)  # (B, S*N, D)
+    if config.time_features:  # the age code, written out: sin/cos of 2 pi age / T
+        code = torch.from_numpy(ref_age_code(ages.reshape(batch, -1).numpy(),
+                                             config.time_features)).to(k.dtype)
+        k = k + code @ att.age.weight[:width].T
+        v = v + code @ att.age.weight[width:].T
+    k = k.view(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
+    v = v.view(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
     buckets = age_buckets(ages.reshape(batch, -1), config.time_buckets, config.max_age_s)
     table = att.time_bias.table  # (buckets, heads)
     bias = torch.stack([table[buckets[b]].T for b in range(batch)])  # (B, heads, S*N)

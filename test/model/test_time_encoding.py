@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from malmm_ros.model.time_encoding import RelativeTimeBias, age_buckets
+from malmm_ros.model import time_encoding
+from malmm_ros.model.time_encoding import (
+    AGE_PREFERENCE_SPAN,
+    RelativeTimeBias,
+    age_buckets,
+    age_features,
+)
 
 BUCKET_GRIDS = [(2, 1.0), (3, 10.0), (16, 600.0), (32, 3600.0), (8, 1e7)]
 
@@ -101,10 +107,17 @@ def test_keeps_shape_and_accepts_other_dtypes() -> None:
     assert integer.tolist() == [0, 0, 2, 6, 15]
 
 
-def test_relative_time_bias_is_zero_at_init() -> None:
+def test_relative_time_bias_starts_as_a_spread_of_age_preferences() -> None:
+    """Head 0 prefers the newest slots, the last head the oldest, the rest in between; no
+    preference for the current frame (bucket 0) and none at all with a single head."""
     bias = RelativeTimeBias(4, 16, 600.0)
-    out = bias(torch.tensor([[0.0, 1.0, 1e9]]))
-    assert torch.equal(out, torch.zeros(1, 4, 1, 3))
+    out = bias(torch.tensor([[0.0, 1.0, 30.0, 1e9]]))[0, :, 0]  # (heads, slots)
+    assert torch.equal(out[:, 0], torch.zeros(4))
+    span = AGE_PREFERENCE_SPAN
+    torch.testing.assert_close(out[:, 3], torch.tensor([-span, -span / 3, span / 3, span]))
+    assert (out[0, 1:] < 0).all() and (out[-1, 1:] > 0).all()
+    assert (out[0].diff() <= 0).all() and (out[-1].diff() >= 0).all()  # monotonic in age
+    assert torch.equal(RelativeTimeBias(1, 16, 600.0).table, torch.zeros(16, 1))
 
 
 @pytest.mark.parametrize(('batch', 'heads'), [(1, 1), (2, 3), (3, 8)])
@@ -131,3 +144,48 @@ def test_relative_time_bias_gradient_counts_bucket_hits() -> None:
     for bucket, hits in {0: 3, 1: 2, 6: 2, 15: 1}.items():
         expected[bucket] = hits
     assert torch.equal(module.table.grad, expected)
+
+
+# -- the age code ------------------------------------------------------------------------------
+
+
+def test_age_code_shape_range_and_current_frame() -> None:
+    ages = torch.tensor([[0.0, -0.5, 1.0, 600.0, 1e5]])
+    code = age_features(ages, 16)
+    assert code.shape == (1, 5, 16) and code.dtype == torch.float64
+    assert code.abs().max() <= 1.0
+    expected_now = torch.cat([torch.ones(8), torch.zeros(4), torch.ones(4)]).double()
+    torch.testing.assert_close(code[0, 0], expected_now)
+    torch.testing.assert_close(code[0, 1], expected_now)  # jitter below 0 is "now"
+
+
+def test_age_code_decays_fall_with_age() -> None:
+    """Which of two slots is older is a linear read-out: every decay falls monotonically."""
+    code = age_features(torch.tensor([0.0, 0.4, 3.0, 40.0, 500.0, 5000.0]), 16)
+    decays = code[:, :8]
+    assert (decays[1:] <= decays[:-1]).all() and (decays[:-1] - decays[1:]).sum(1).min() > 0
+
+
+def test_age_code_tells_nearby_ages_apart_at_every_scale() -> None:
+    """Two ages 1 s apart differ clearly, for recent and for old slots (order is readable)."""
+    for base in (0.0, 5.0, 30.0, 300.0, 1200.0):
+        a, b = age_features(torch.tensor([base, base + 1.0]), 16)
+        assert (a - b).norm() > 0.1, base
+
+
+def test_age_code_depends_on_age_only() -> None:
+    """Stationary: the same age gives the same code, whatever the absolute time."""
+    ages = torch.tensor([3.0, 17.5, 250.0])
+    torch.testing.assert_close(age_features(ages, 16),
+                               age_features((ages + 1e5) - 1e5, 16))
+
+
+def test_age_code_first_built_under_inference_mode_still_serves_training() -> None:
+    """The rates are cached on first use; a node's first step runs under inference mode, and a
+    later training step (autograd on) must still be able to use them."""
+    time_encoding._rates.cache_clear()  # noqa: SLF001 (the cache under test)
+    with torch.inference_mode():
+        age_features(torch.tensor([1.0]), 12)
+    weight = torch.ones(12, dtype=torch.float64, requires_grad=True)
+    (age_features(torch.tensor([2.0, 30.0]), 12) * weight).sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
