@@ -12,7 +12,8 @@ mean age of the frames it holds), in seconds:
    indifferent to age, "A then B" and "B then A" give the same attention and the same outputs,
    so the loss has no gradient towards order: the read-out and the age weights both sit at zero
    and training waits at chance until noise breaks the tie (bench/sequence_bench.py: the zero
-   start stayed at chance; this one learns which-came-first in a few epochs). A head that leans
+   start stayed near chance; this one learns which-came-first in a few epochs at M = 4 and 8,
+   not yet reliably at M = 20). A head that leans
    to old slots returns more of whichever cue is older from the first step, so the read-out
    has something to learn at once.
 2. `age_features` (model.time_features > 0): a fixed multi-scale code of the age, projected by

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / 'bench'
+from support.bench_scripts import load_bench_script
 
 
 def load_script():
-    if str(BENCH) not in sys.path:  # as `python bench/memory_ablation.py` has it (benchlib)
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location('memory_ablation', BENCH / 'memory_ablation.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script('memory_ablation')
 
 
 def test_streams_put_the_cue_at_least_four_m_before_the_end() -> None:

@@ -3,7 +3,6 @@ budget (the full run is a benchmark)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,18 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / 'bench'
+from support.bench_scripts import load_bench_script
 
 
 def load_script():
-    if str(BENCH) not in sys.path:  # as `python bench/sequence_bench.py` has it
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location('sequence_bench', BENCH / 'sequence_bench.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes import it by this name
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script('sequence_bench')
 
 
 @pytest.mark.parametrize('memory', [4, 8, 20])
