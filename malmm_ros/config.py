@@ -44,16 +44,18 @@ class ModelConfig:
     cross_attention_every: int = spec(2, 'layer i cross-attends when i % this == 0', 1, 48)
     time_buckets: int = spec(16, 'log-spaced age buckets of the relative-time bias', 2, 256)
     max_age_s: float = spec(600.0, 'ages beyond this share the last time bucket', 1.0, 1e7)
-    time_features: int = spec(16, 'age code added to stored keys and values, so the order of '
-                              'remembered things reaches the heads (a multiple of 4; 0: the '
-                              'attention bias only, as checkpoints before it)', 0, 256)
+    time_features: int = spec(0, 'age code added to stored keys and values (a multiple of 4; '
+                              '0: off, the default: the order bias alone learns order, at a '
+                              'third of its cost)', 0, 256)
+    order_bias: bool = spec(True, 'a learned attention slope per head over each stored slot\'s '
+                            'place in the temporal order (false: as checkpoints before it)')
     recompute_projections: bool = spec(
         False, 'recompute bank key/value projections every step (slow; for comparison)')
 
     # Fields that describe weights; the rest are run-time switches.
     ARCHITECTURE = ('num_layers', 'hidden_size', 'num_heads', 'intermediate_size',
                     'num_queries', 'encoder_width', 'cross_attention_every', 'time_buckets',
-                    'max_age_s', 'time_features')
+                    'max_age_s', 'time_features', 'order_bias')
 
     def __post_init__(self) -> None:
         validate_fields(self, 'model')

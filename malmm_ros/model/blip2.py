@@ -16,8 +16,9 @@ Key mapping. A key is first stripped of its prefix (LAVIS `Qformer.bert.`, trans
     encoder.layer.L.output_query.LayerNorm    -> layers.L.feed_forward.norm
 
 Not mapped: the text branch (word/position embeddings, `intermediate`/`output` of the text
-tokens), which queries never use, and each attention's `time_bias` table, which BLIP-2 lacks:
-it stays zero, so a single frame with empty memory behaves exactly as the BLIP-2 Q-Former.
+tokens), which queries never use, and each attention's time weights (the `time_bias` table,
+the `order_bias` slopes, the `age` projection), which BLIP-2 lacks: they stay zero, so a single
+frame with empty memory behaves exactly as the BLIP-2 Q-Former.
 BLIP-2's `ln_vision` normalises EVA-CLIP features (1408 wide) and has no counterpart for our
 encoder; the visual adapter is trained instead.
 """
@@ -103,7 +104,7 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
             shapes.append(f'{key} {tuple(tensor.shape)} -> {name} {tuple(ours[name].shape)}')
             continue
         loaded[name] = tensor
-    ours_only = ('.time_bias.', '.age.')
+    ours_only = ('.time_bias.', '.age.', '.order_bias.')
     missing = sorted(n for n in ours if n not in loaded and not any(t in n for t in ours_only))
     if shapes or missing or extra:
         details = []
@@ -123,3 +124,5 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
                 module.table.zero_()
             elif module_name.endswith('.age'):
                 module.weight.zero_()
+            elif module_name.endswith('order_bias'):
+                module.slope.zero_()

@@ -142,8 +142,8 @@ def load_checkpoint(
     stored = metadata.get('model')
     if not isinstance(stored, dict):
         raise CheckpointError(f'checkpoint {path}: metadata has no "model" section')
-    # Checkpoints from before the age code have no time_features: they ran with the bias only.
-    stored = {'time_features': 0, **stored}
+    # Checkpoints from before the age code or the order bias lack those keys: they ran without.
+    stored = {'time_features': 0, 'order_bias': False, **stored}
     try:
         arch = model_preset(stored.get('preset', 'edge'),
                             **{k: v for k, v in stored.items() if k != 'preset'})
@@ -163,9 +163,13 @@ def load_checkpoint(
                  for name in wanted if wanted[name] != found[name]]
         if diffs:
             hint = ''
-            if found['time_features'] == 0 and wanted['time_features']:
-                hint = ('; it was trained with the older time encoding (attention bias only): '
-                        'set model.time_features: 0 to run it, or train it again')
+            # As YAML spells them: 0 and false.
+            older = [f'model.{name}: {str(found[name]).lower()}'
+                     for name in ('time_features', 'order_bias')
+                     if not found[name] and wanted[name]]
+            if older:
+                hint = ('; it was trained with an older time encoding: set '
+                        + ', '.join(older) + ' to run it, or train it again')
             raise CheckpointError(f'checkpoint {path} does not match the config: '
                                   + '; '.join(diffs) + hint)
         arch = config  # keep the run-time switches of the caller's config

@@ -270,6 +270,21 @@ class MemoryBank:
         assert self._times is not None
         return now_s - self._times[self._rows(group), :self._used()]
 
+    def age_ranks(self, group: int | None = None) -> torch.Tensor:
+        """Place of every slot in use in its position's temporal order, in storage order:
+        [B, S_used, N] int64, 0 for the newest frame up to len(self) - 1 for the oldest.
+
+        Compression merges each token position on its own, so the slots of one storage index
+        can rank differently across positions (as their times differ).
+        """
+        assert self._order is not None
+        order = self._order[self._rows(group), :self._len]  # physical slot of t-th oldest
+        newest_first = torch.arange(self._len - 1, -1, -1, device=order.device)
+        ranks = torch.zeros((order.shape[0], self._used(), order.shape[2]), dtype=torch.long,
+                            device=order.device)
+        # During a step every used physical slot is in the order once: a permutation.
+        return ranks.scatter_(1, order, newest_first.view(1, -1, 1).expand_as(order))
+
     def place_newest(self, stored: torch.Tensor, live: torch.Tensor,
                      group: int | None = None) -> torch.Tensor:
         """`stored` [B, S_used, N, W] with the newest frame's entries replaced by `live` [B, N, W].

@@ -20,7 +20,13 @@ from torch import nn
 
 from malmm_ros.config import ModelConfig
 from malmm_ros.model.memory import MemoryBank, MemorySpec, StreamMemory
-from malmm_ros.model.time_encoding import RelativeTimeBias, age_buckets, age_features
+from malmm_ros.model.time_encoding import (
+    OrderBias,
+    RelativeTimeBias,
+    age_buckets,
+    age_features,
+    order_places,
+)
 
 __all__ = ['FeedForward', 'MemoryAttention', 'MemoryQFormer', 'QFormerLayer']
 
@@ -45,17 +51,19 @@ class MemoryAttention(nn.Module):
         # Age code -> [key shift ; value shift], one matmul (time_encoding.py).
         self.age = (nn.Linear(config.time_features, 2 * width, bias=False)
                     if config.time_features else None)
+        self.order_bias = OrderBias(config.num_heads) if config.order_bias else None
 
     def forward(self, hidden: torch.Tensor, current: torch.Tensor, bank: MemoryBank,
                 buckets: torch.Tensor, ages: torch.Tensor | None,
-                group: int | None = None) -> torch.Tensor:
+                places: torch.Tensor | None, group: int | None = None) -> torch.Tensor:
         """hidden [B, Q, D] attends over the bank, whose newest frame is `current` [B, N, C].
 
         The caller has already put `current` into the bank (open_slot/write); this writes the
         frame's key/value projections into the bank's cache (when it has one) and reads every
         stored frame's from there, so stored frames are never projected again. `buckets`
-        [B, S*N] are the age buckets of the bank's slots and `ages` [B, S*N, F] their age code
-        (both computed once per bank and step); the age terms are added here, never cached.
+        [B, S*N] are the age buckets of the bank's slots, `ages` [B, S*N, F] their age code and
+        `places` [B, S*N] their places in the temporal order (all computed once per bank and
+        step); the age and order terms are added here, never cached.
         """
         batch, num_q, width = hidden.shape
         key_name, value_name = f'{self.cache_key}.k', f'{self.cache_key}.v'
@@ -83,6 +91,8 @@ class MemoryAttention(nn.Module):
         k = keys.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, h, S*N, hd)
         v = values.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)
         bias = self.time_bias.from_buckets(buckets).to(q.dtype)  # (B, h, 1, S*N)
+        if self.order_bias is not None:
+            bias = bias + self.order_bias(places)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, Q, hd)
         context = context.transpose(1, 2).reshape(batch, num_q, width)
         return self.norm(hidden + self.output(context))
@@ -163,15 +173,23 @@ class MemoryQFormer(nn.Module):
         code = config.time_features
         visual_code = age_features(visual_ages, code, hidden.dtype) if code else None
         query_code = age_features(query_ages, code, hidden.dtype) if code else None
+        visual_places = query_places = None
+        if config.order_bias:
+            capacity = memory.spec.capacity
+            visual_places = order_places(visual_bank.age_ranks().flatten(1), capacity,
+                                         hidden.dtype)
+            query_places = order_places(query_bank.age_ranks().flatten(1), capacity,
+                                        hidden.dtype)
         for index, layer in enumerate(self.layers):
             query_bank.write('tokens', hidden, index)
             rows = slice(index * batch, (index + 1) * batch)
             hidden = layer.self_attention(hidden, hidden, query_bank, query_buckets[rows],
                                           None if query_code is None else query_code[rows],
+                                          None if query_places is None else query_places[rows],
                                           index)
             if layer.cross_attention is not None:
                 hidden = layer.cross_attention(hidden, visual, visual_bank, visual_buckets,
-                                               visual_code)
+                                               visual_code, visual_places)
             hidden = layer.feed_forward(hidden)
         if memory.spec.query_memory:
             query_bank.commit()

@@ -1,38 +1,39 @@
-"""How MA-LMM's memory knows when a slot happened: its age, used two ways.
+"""How MA-LMM's memory knows when a stored token happened: its age and its place in the order.
 
 The public MA-LMM code adds a learned embedding of the absolute frame index to the stored
-features (capped at 120 frames, so longer streams crash). We use each stored slot's age relative
-to now instead, computed from its count-weighted mean timestamp (so a merged slot's age is the
-mean age of the frames it holds), in seconds:
+features (capped at 120 frames, so longer streams crash). We use relative time instead, read
+from the banks on every step and added to the attention logits (never to what is cached):
 
-1. `RelativeTimeBias`: a learned attention-logit bias per head and log-spaced age bucket (in
-   the spirit of T5's relative buckets), so a head can prefer recent or old slots. It starts as
-   a spread of age preferences (ALiBi-like slopes, of both signs): one head leans to the newest
-   slots, one to the oldest, the others in between. The start matters. With every head
-   indifferent to age, "A then B" and "B then A" give the same attention and the same outputs,
-   so the loss has no gradient towards order: the read-out and the age weights both sit at zero
-   and training waits at chance until noise breaks the tie (bench/sequence_bench.py: the zero
-   start stayed near chance; this one learns which-came-first in a few epochs at M = 4 and 8,
-   not yet reliably at M = 20). A head that leans
-   to old slots returns more of whichever cue is older from the first step, so the read-out
-   has something to learn at once.
-2. `age_features` (model.time_features > 0): a fixed multi-scale code of the age, projected by
-   each attention layer into a shift of the stored slots' keys and values at attention time
-   (MA-LMM's position embedding added to the features, made relative and continuous). Keys let
-   a head pick slots by age beyond the bucket bias (query-dependent); values put the age into
-   what a head returns, so the time of a remembered thing reaches the heads, not only its
-   content. Half the code is exponential decays exp(-age / tau), monotonic at every scale, so
-   "which is older" is a linear read-out; the other half is sin/cos pairs, which tell close ages
-   apart at every scale. (A scale of the values by age as well was measured too: no better on
-   the sequence task, and a third more weights.)
+1. `RelativeTimeBias`: a learned bias per head and log-spaced age bucket (in the spirit of
+   T5's relative buckets). The age is now minus the token's count-weighted mean time (a merged
+   token's age is the mean age of the frames it holds), in seconds, so a model trained at one
+   sampling rate degrades gracefully at another. It says how long ago.
+2. `OrderBias`: a learned slope per head times the token's place in its position's temporal
+   order (0 the current frame, 1 the oldest slot of a full bank; `order_places`). It says
+   which came first, at any age. Log buckets cannot: two events 12 s apart 40-52 s ago share
+   a bucket, and bench/sequence_bench.py's which-came-first task stayed near chance at the
+   node's M = 20 with the buckets alone (67 % over three seeds) while it reached 95 %+ at
+   M = 4 and 8, where the two cues sat in different buckets.
 
-Both keep what the memory guarantees:
-- stationary: frame 100,000 sees the same ages as frame 100 (no absolute index);
-- exact with cached projections: the age terms are added at attention time, never stored, so
-  the cached key/value projections of stored frames stay valid as slots age (a weighted mean
-  commutes with the projection; the age term is recomputed from the merged time);
-- cheap: one small matmul per bank and layer per step (bench/stream_bench.py measures it);
-- in seconds, not frames, so a model trained at one sampling rate degrades gracefully.
+Both start as a spread of preferences (ALiBi-like slopes of both signs): one head leans to the
+newest, one to the oldest, the others in between. The start matters. With every head
+indifferent to time, "A then B" and "B then A" give the same attention and the same outputs,
+so the loss has no gradient towards order and training waits at chance until noise breaks the
+tie (measured: the zero start stayed near chance). A head that leans old returns more of
+whichever cue is older from the first step, so the read-out has something to learn at once.
+
+3. `age_features` (model.time_features > 0, off by default): a fixed multi-scale code of the
+   age (exponential decays and sin/cos pairs), projected by each attention layer into a shift
+   of the stored keys and values at attention time. It let the bucket bias learn order at
+   M = 4 and 8, but not at M = 20; with the order bias it adds nothing measurable on the
+   sequence task and costs about a third of a step, so it is an option, kept for tasks that
+   need the age itself in what a head returns.
+
+All keep what the memory guarantees:
+- stationary: frame 100,000 sees the same ages and places as frame 100 (no absolute index);
+- exact with cached projections: the time terms are added at attention time, never stored, so
+  the cached key/value projections of stored frames stay valid as slots age and merge;
+- cheap: the default adds two [heads, S*N] biases per layer (bench/stream_bench.py measures it).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ['AGE_PREFERENCE_SPAN', 'RelativeTimeBias', 'age_buckets', 'age_features']
+__all__ = ['AGE_PREFERENCE_SPAN', 'ORDER_PREFERENCE_SPAN', 'OrderBias', 'RelativeTimeBias',
+           'age_buckets', 'age_features', 'order_places']
 
 # Timescales of the age code, geometric from 0.5 s to 2,000 s: sub-second order at camera rates
 # up to half an hour of kitchen activity.
@@ -52,6 +54,10 @@ MIN_PERIOD_S, MAX_PERIOD_S = 0.5, 2000.0
 # bench/sequence_bench.py at M = 8, 12 epochs: with 3 one of two seeds ended at 86 %; with 6 that
 # seed reached 100 % by epoch 5 and the benchmark's three seeds 95-100 %.
 AGE_PREFERENCE_SPAN = 6.0
+# Attention-logit range of the initial order preferences, newest to oldest slot of a full bank
+# (OrderBias). With 6 the which-first task reached 100 % by epoch 5 at M = 20 on the seed that
+# stayed at chance without it (bench/sequence_bench.py; docs/PERFORMANCE.md).
+ORDER_PREFERENCE_SPAN = 6.0
 
 
 def age_buckets(ages_s: torch.Tensor, num_buckets: int, max_age_s: float) -> torch.Tensor:
@@ -125,3 +131,36 @@ class RelativeTimeBias(nn.Module):
     def from_buckets(self, buckets: torch.Tensor) -> torch.Tensor:
         """Precomputed buckets [B, S] -> bias [B, heads, 1, S] (buckets shared across layers)."""
         return self.table[buckets].permute(0, 2, 1).unsqueeze(2)  # (B, S, h) -> (B, h, 1, S)
+
+
+def order_places(ranks: torch.Tensor, capacity: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Ranks from `MemoryBank.age_ranks` (0 newest) -> places in [0, 1]: rank / (M - 1).
+
+    Scaled by the capacity M, not by how full the bank is, so a slot's place only grows as it
+    ages, and a model trained at one M reads "the oldest of what I hold" the same at another.
+    An uncompressed bank (capacity None) scales by its own length.
+    """
+    span = (capacity if capacity is not None else int(ranks.max()) + 1) - 1
+    return ranks.to(dtype) / max(span, 1)
+
+
+class OrderBias(nn.Module):
+    """Learned attention-logit slope per head over each stored token's place in the order.
+
+    bias[h, token] = slope[h] * place(token), place 0 for the current frame and 1 for the
+    oldest slot a full bank holds. Initialised as a spread of preferences like
+    `RelativeTimeBias`, slopes evenly spaced in [-ORDER_PREFERENCE_SPAN, +ORDER_PREFERENCE_SPAN]
+    (one head: none). Unlike the log-spaced age buckets, two events a few seconds apart a
+    minute ago still sit in different places, so a head leaning to the old returns more of the
+    older one from the first step; the read-out has an order signal to learn from at any M.
+    """
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.slope = nn.Parameter(
+            torch.linspace(-ORDER_PREFERENCE_SPAN, ORDER_PREFERENCE_SPAN, num_heads)
+            if num_heads > 1 else torch.zeros(1))
+
+    def forward(self, places: torch.Tensor) -> torch.Tensor:
+        """places [B, S] -> bias [B, heads, 1, S], broadcast over the queries."""
+        return self.slope.view(1, -1, 1, 1) * places.unsqueeze(1).unsqueeze(2)

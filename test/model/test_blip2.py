@@ -20,7 +20,7 @@ from malmm_ros.model.qformer import MemoryQFormer
 
 NUM_LAYERS = 2
 HIDDEN, INTERMEDIATE, VISION, HEADS, QUERIES = 768, 3072, 1408, 12, 32
-CONFIG = model_preset('blip2', num_layers=NUM_LAYERS)
+CONFIG = model_preset('blip2', num_layers=NUM_LAYERS, time_features=16)  # every time weight
 
 # (LAVIS suffix, transformers suffix, our suffix, shape kind) of each layer's Linear/LayerNorm.
 LAYER_NAMES = [
@@ -134,14 +134,16 @@ def _scramble(qformer: MemoryQFormer) -> None:
 
 def _check_landed(qformer: MemoryQFormer, expected: dict[str, torch.Tensor]) -> None:
     state = qformer.state_dict()
-    # Ours only, one per attention module: the time-bias table and the age-code projection.
+    # Ours only, one per attention module: the time-bias table, the order-bias slopes and the
+    # age-code projection.
     time_bias = {n for n in state if '.time_bias.' in n}
+    order = {n for n in state if '.order_bias.' in n}
     age = {n for n in state if '.age.' in n}
-    assert len(time_bias) == len(age) == NUM_LAYERS + (NUM_LAYERS + 1) // 2
-    assert set(state) == set(expected) | time_bias | age, 'the mapping misses a weight'
+    assert len(time_bias) == len(order) == len(age) == NUM_LAYERS + (NUM_LAYERS + 1) // 2
+    assert set(state) == set(expected) | time_bias | order | age, 'the mapping misses a weight'
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
-    for name in time_bias | age:
+    for name in time_bias | order | age:
         assert torch.count_nonzero(state[name]) == 0, name
 
 

@@ -6,6 +6,7 @@ import json
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -377,35 +378,80 @@ def test_every_other_checkpoint_counts_as_trained(saved: Path, tmp_path: Path) -
         checkpoint_is_trained(tmp_path / 'absent.safetensors')
 
 
-# -- checkpoints from before the age code (model.time_features) --------------------------------
+# -- checkpoints from before the age code (time_features) and the order bias (order_bias) -----
+
+
+def _older_format(directory: Path, absent: dict[str, Any], **present: Any
+                  ) -> tuple[Path, MalmmModel]:
+    """A checkpoint as written before the keys of `absent` existed: the model ran with those
+    values (0 / False), and the header and weights have no trace of them."""
+    old_config = ModelConfig(**{**CONFIG.architecture(), **absent, **present})
+    torch.manual_seed(5)
+    model = MalmmModel(old_config, LABELS, feature_dim=FEATURE_DIM, num_tokens=NUM_TOKENS).eval()
+    path = directory / 'old.safetensors'
+    save_checkpoint(path, model)
+    metadata, tensors = _raw(path)
+    header = json.loads(metadata['malmm_ros'])
+    for name in absent:
+        del header['model'][name]
+    save_file(tensors, str(path), metadata={'malmm_ros': json.dumps(header)})
+    assert not any('.order_bias.' in name for name in tensors)
+    return path, model
 
 
 @pytest.fixture(scope='module')
 def old_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmModel]:
-    """A checkpoint as written before time_features existed: no such key, no age weights."""
-    old_config = ModelConfig(**{**CONFIG.architecture(), 'time_features': 0})
-    torch.manual_seed(5)
-    model = MalmmModel(old_config, LABELS, feature_dim=FEATURE_DIM, num_tokens=NUM_TOKENS).eval()
-    path = tmp_path_factory.mktemp('old') / 'old.safetensors'
-    save_checkpoint(path, model)
-    metadata, tensors = _raw(path)
-    header = json.loads(metadata['malmm_ros'])
-    del header['model']['time_features']
-    save_file(tensors, str(path), metadata={'malmm_ros': json.dumps(header)})
-    assert not any('.age.' in name for name in tensors)
+    """Before both: the age-bucket bias only."""
+    path, model = _older_format(tmp_path_factory.mktemp('old'),
+                                {'time_features': 0, 'order_bias': False})
+    assert not any('.age.' in name for name in _raw(path)[1])
     return path, model
+
+
+@pytest.fixture(scope='module')
+def age_code_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmModel]:
+    """With the age code, before the order bias."""
+    return _older_format(tmp_path_factory.mktemp('age'), {'order_bias': False},
+                         time_features=16)
 
 
 def test_old_format_loads_with_the_bias_only(old_format: tuple[Path, MalmmModel]) -> None:
     path, model = old_format
     loaded = load_checkpoint(path)
-    assert loaded.config.time_features == 0
+    assert loaded.config.time_features == 0 and loaded.config.order_bias is False
+    for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_age_code_format_loads_without_the_order_bias(
+        age_code_format: tuple[Path, MalmmModel]) -> None:
+    path, model = age_code_format
+    loaded = load_checkpoint(path)
+    assert loaded.config.time_features == 16 and loaded.config.order_bias is False
     for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_old_format_against_a_new_config_says_why(old_format: tuple[Path, MalmmModel]) -> None:
     path, _ = old_format
-    with pytest.raises(CheckpointError, match=r'time_features: config 16 vs checkpoint 0; it was '
-                                              r'trained with the older time encoding'):
+    with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; it '
+                                              r'was trained with an older time encoding: set '
+                                              r'model.order_bias: false to run it'):
         load_checkpoint(path, CONFIG)
+    # With the age code asked for too, both settings are named.
+    with_code = ModelConfig(**{**CONFIG.architecture(), 'time_features': 16})
+    with pytest.raises(CheckpointError, match=r'time_features: config 16 vs checkpoint 0; '
+                                              r'order_bias: config True vs checkpoint False; it '
+                                              r'was trained with an older time encoding: set '
+                                              r'model.time_features: 0, model.order_bias: false'):
+        load_checkpoint(path, with_code)
+
+
+def test_age_code_format_against_a_new_config_says_why(
+        age_code_format: tuple[Path, MalmmModel]) -> None:
+    path, _ = age_code_format
+    with_code = ModelConfig(**{**CONFIG.architecture(), 'time_features': 16})
+    with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; it '
+                                              r'was trained with an older time encoding: set '
+                                              r'model.order_bias: false to run it'):
+        load_checkpoint(path, with_code)

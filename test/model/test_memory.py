@@ -450,3 +450,31 @@ def test_fifo_and_mbc_differ_where_similar_frames_are_not_the_oldest() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match='policy'):
         MemoryBank(3, policy='lifo')
+
+
+@pytest.mark.parametrize('capacity,policy,groups', [(5, 'mbc', 1), (3, 'mbc', 2), (4, 'fifo', 1),
+                                                     (None, 'mbc', 1)])
+def test_age_ranks_follow_each_positions_temporal_order(capacity: int | None, policy: str,
+                                                        groups: int) -> None:
+    """During a step, every position's ranks are 0 (newest) .. len - 1 (oldest), in the order
+    of its slots' ages: MBC merges each position on its own, so ranks differ across positions."""
+    bank = MemoryBank(capacity, groups=groups, policy=policy)
+    streams = [frame_stream(30, 2, 3, 4, seed=11 + group) for group in range(groups)]
+    differs = False
+    for t in range(30):
+        now = 1.5 * t
+        bank.open_slot(now, streams[0][t])
+        for group in range(groups):
+            bank.write('tokens', streams[group][t], group if groups > 1 else None)
+        for group in range(groups) if groups > 1 else [None]:
+            ranks, ages = bank.age_ranks(group), bank.ages(now, group)
+            assert ranks.shape == ages.shape
+            # Ages of one position are distinct (merged slots hold disjoint runs of frames), so
+            # ranking them by age is the expected order.
+            by_age = ages.argsort(dim=1).argsort(dim=1)
+            assert torch.equal(ranks, by_age)
+            assert torch.equal(ranks.sort(dim=1).values,
+                               torch.arange(len(bank)).view(1, -1, 1).expand_as(ranks))
+            differs |= bool((ranks != ranks[..., :1]).any())
+        bank.commit()
+    assert differs == (capacity is not None and policy == 'mbc')

@@ -130,8 +130,10 @@ def ref_age_code(ages: np.ndarray, features: int) -> np.ndarray:
 
 
 def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tensor,
-                  ages: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """Post-norm residual multi-head attention of hidden [B,Q,D] over source [B,S,N,C]."""
+                  ages: torch.Tensor, config: ModelConfig, capacity: int | None
+                  ) -> torch.Tensor:
+    """Post-norm residual multi-head attention of hidden [B,Q,D] over source [B,S,N,C], whose
+    slots are oldest first at every position (the reference banks keep that order)."""
     batch, num_q, width = hidden.shape
     heads = config.num_heads
     head_dim = width // heads
@@ -148,6 +150,12 @@ def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tens
     buckets = age_buckets(ages.reshape(batch, -1), config.time_buckets, config.max_age_s)
     table = att.time_bias.table  # (buckets, heads)
     bias = torch.stack([table[buckets[b]].T for b in range(batch)])  # (B, heads, S*N)
+    if config.order_bias:  # slope per head times the place: 0 newest, 1 at slot M - 1
+        slots, positions = source.shape[1], source.shape[2]
+        span = max((capacity if capacity is not None else slots) - 1, 1)
+        places = (slots - 1 - torch.arange(slots, dtype=bias.dtype)) / span
+        places = places.repeat_interleave(positions)  # (S*N,), slot-major like `flat`
+        bias = bias + att.order_bias.slope.view(1, heads, 1) * places.view(1, 1, -1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + bias[:, :, None, :]
     scores = scores - scores.amax(-1, keepdim=True)
     weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
@@ -160,6 +168,7 @@ class RefQFormer:
 
     def __init__(self, q: MemoryQFormer, capacity: int | None) -> None:
         self.q = q
+        self.capacity = capacity
         self.visual = RefBank(capacity)
         self.queries = [RefBank(capacity) for _ in q.layers]
 
@@ -172,10 +181,12 @@ class RefQFormer:
         for i, layer in enumerate(self.q.layers):
             inputs.append(hidden)
             source, ages = self.queries[i].context(hidden, now_s)
-            hidden = ref_attention(layer.self_attention, hidden, source, ages, config)
+            hidden = ref_attention(layer.self_attention, hidden, source, ages, config,
+                                   self.capacity)
             if i % config.cross_attention_every == 0:
                 source, ages = self.visual.context(visual, now_s)
-                hidden = ref_attention(layer.cross_attention, hidden, source, ages, config)
+                hidden = ref_attention(layer.cross_attention, hidden, source, ages, config,
+                                       self.capacity)
             ff = layer.feed_forward
             inner = ref_linear(ff.dense_in, hidden)
             inner = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))
@@ -195,7 +206,7 @@ def build(seed: int = 0, **overrides: int) -> MemoryQFormer:
     q = MemoryQFormer(ModelConfig(**{**SMALL, **overrides})).double().eval()
     with torch.no_grad():
         for name, p in q.named_parameters():
-            if 'time_bias' in name:
+            if 'time_bias' in name or 'order_bias' in name:
                 nn.init.normal_(p, std=0.5)
             elif 'norm' in name:
                 p.add_(0.2 * torch.randn_like(p))
@@ -224,6 +235,8 @@ def irregular_times(count: int, seed: int) -> list[float]:
     (4, 60, {}),
     (1, 30, {'num_layers': 2, 'cross_attention_every': 1, 'num_queries': 5}),
     (None, 25, {'num_layers': 2}),
+    (4, 40, {'time_features': 16}),  # the optional age code
+    (4, 30, {'order_bias': False}),  # as checkpoints from before the order bias
 ])
 def test_step_matches_reference(cache: bool, capacity: int | None, steps: int,
                                 overrides: dict[str, int]) -> None:
@@ -266,8 +279,9 @@ def test_layer0_query_bank_follows_first_pair_on_ties() -> None:
     assert ref.queries[0].counts[0].T.tolist() == [[17.0, 1.0, 1.0, 1.0]] * 8
 
 
-def test_cached_and_recomputed_projections_agree_over_a_long_stream() -> None:
-    q = build(seed=4)
+@pytest.mark.parametrize('time_features', [0, 16])
+def test_cached_and_recomputed_projections_agree_over_a_long_stream(time_features: int) -> None:
+    q = build(seed=4, time_features=time_features)
     cached = q.new_memory(MemorySpec(10))
     recompute = q.new_memory(MemorySpec(10, cache_projections=False))
     xs = frames(200, seed=5)

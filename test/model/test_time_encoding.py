@@ -10,9 +10,12 @@ import torch
 from malmm_ros.model import time_encoding
 from malmm_ros.model.time_encoding import (
     AGE_PREFERENCE_SPAN,
+    ORDER_PREFERENCE_SPAN,
+    OrderBias,
     RelativeTimeBias,
     age_buckets,
     age_features,
+    order_places,
 )
 
 BUCKET_GRIDS = [(2, 1.0), (3, 10.0), (16, 600.0), (32, 3600.0), (8, 1e7)]
@@ -189,3 +192,43 @@ def test_age_code_first_built_under_inference_mode_still_serves_training() -> No
     weight = torch.ones(12, dtype=torch.float64, requires_grad=True)
     (age_features(torch.tensor([2.0, 30.0]), 12) * weight).sum().backward()
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+# -- order bias -------------------------------------------------------------------------------
+
+
+def test_order_places_scale_by_capacity_not_by_fill() -> None:
+    ranks = torch.tensor([[0, 1, 2]])
+    torch.testing.assert_close(order_places(ranks, 5, torch.float64),
+                               torch.tensor([[0.0, 0.25, 0.5]], dtype=torch.float64))
+    # No capacity (the uncompressed baseline): its own length; capacity 1: only the current.
+    torch.testing.assert_close(order_places(ranks, None, torch.float32),
+                               torch.tensor([[0.0, 0.5, 1.0]]))
+    assert torch.equal(order_places(torch.tensor([[0, 1]]), 1, torch.float32),
+                       torch.tensor([[0.0, 1.0]]))
+
+
+def test_order_bias_starts_as_a_spread_of_order_preferences() -> None:
+    """Slopes evenly spaced from -span (newest preferred) to +span (oldest); the current frame
+    (place 0) gets no bias; a single head has no preference."""
+    bias = OrderBias(4)
+    places = torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.0, 0.25]])
+    out = bias(places)
+    assert out.shape == (2, 4, 1, 3)
+    span = ORDER_PREFERENCE_SPAN
+    slopes = torch.tensor([-span, -span / 3, span / 3, span])
+    torch.testing.assert_close(out[0, :, 0, 2], slopes)
+    torch.testing.assert_close(out[1, :, 0], slopes[:, None] * places[1])
+    assert torch.equal(out[0, :, 0, 0], torch.zeros(4))
+    assert torch.equal(OrderBias(1).slope, torch.zeros(1))
+
+
+def test_order_bias_tells_two_old_neighbours_apart_where_age_buckets_do_not() -> None:
+    """Why it exists: two events 12 s apart 40-52 s ago share one log-spaced age bucket, so the
+    bucket bias weights them alike; their places in a bank of 20 differ, and so do the biases."""
+    ages = torch.tensor([[40.0, 52.0]])
+    buckets = age_buckets(ages, 16, 600.0)
+    assert buckets[0, 0] == buckets[0, 1]
+    places = order_places(torch.tensor([[13, 17]]), 20, torch.float32)
+    out = OrderBias(2)(places)[0, :, 0]  # (heads, 2)
+    assert out[1, 1] - out[1, 0] > 1.0 and out[0, 1] - out[0, 0] < -1.0
