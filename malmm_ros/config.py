@@ -45,8 +45,7 @@ class ModelConfig:
     time_buckets: int = spec(16, 'log-spaced age buckets of the relative-time bias', 2, 256)
     max_age_s: float = spec(600.0, 'ages beyond this share the last time bucket', 1.0, 1e7)
     time_features: int = spec(0, 'age code added to stored keys and values (a multiple of 4; '
-                              '0: off, the default: the order bias alone learns order, at a '
-                              'third of its cost)', 0, 256)
+                              '0: off, the default: it costs a third of a step)', 0, 256)
     order_bias: bool = spec(True, 'a learned attention slope per head over each stored slot\'s '
                             'place in the temporal order (false: as checkpoints before it)')
     recompute_projections: bool = spec(

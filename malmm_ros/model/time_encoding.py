@@ -25,9 +25,9 @@ whichever cue is older from the first step, so the read-out has something to lea
 3. `age_features` (model.time_features > 0, off by default): a fixed multi-scale code of the
    age (exponential decays and sin/cos pairs), projected by each attention layer into a shift
    of the stored keys and values at attention time. It let the bucket bias learn order at
-   M = 4 and 8, but not at M = 20; with the order bias it adds nothing measurable on the
-   sequence task and costs about a third of a step, so it is an option, kept for tasks that
-   need the age itself in what a head returns.
+   M = 4 and 8, but not at M = 20. It costs about a third of a step, so it is off by default;
+   on the values alone it kept M = 8 from overfitting with the order bias in a single run
+   (docs/PERFORMANCE.md), so a cheaper form of it is the next step.
 
 All keep what the memory guarantees:
 - stationary: frame 100,000 sees the same ages and places as frame 100 (no absolute index);
