@@ -159,24 +159,32 @@ def distractors(rows, count: int, shots: range, rng: np.random.Generator) -> lis
     return out[:count]
 
 
-def run_variant(name: str, seed: int, train_set: PoolWindows, test_set: PoolWindows,
-                args: argparse.Namespace, out_dir: Path) -> float:
-    overrides = {
-        'out_dir': str(out_dir / f'{name}-seed{seed}'), 'device': 'cpu', 'seed': seed,
-        'optim.epochs': args.epochs, 'optim.batch_size': 16, 'optim.lr': 2e-3,
-        'optim.warmup_steps': 10, 'optim.label_smoothing': 0.0, 'optim.noun_weight': 0.0,
-        'optim.action_weight': 0.0, **VARIANTS[name],
-    }
-    config = TrainConfig.from_dict(overrides)
-    torch.manual_seed(seed)
-    model = MalmmModel(model_preset('edge', **ARCH), LabelMaps.placeholder(len(CUE_PHOTOS), 1))
-    capacity = config.memory.capacity or args.memory
+def train_and_test(model: MalmmModel, overrides: dict, memory: int, train_set: PoolWindows,
+                   test_set: PoolWindows) -> float:
+    """Train `model` with the real loop (verb loss only, batch 16, 10 warm-up steps; the
+    TrainConfig `overrides` add out_dir, seed, epochs, lr and the variant's memory settings) at
+    memory length `memory`; its verb accuracy on `test_set`. Shared with bench/sequence_bench.py.
+    """
+    config = TrainConfig.from_dict({
+        'device': 'cpu', 'optim.batch_size': 16, 'optim.warmup_steps': 10,
+        'optim.label_smoothing': 0.0, 'optim.noun_weight': 0.0, 'optim.action_weight': 0.0,
+        **overrides})
+    capacity = config.memory.capacity or memory
     train(config, model, train_set, capacity=capacity, progress=False, save=False)
     spec = MemorySpec(capacity, policy=config.memory.policy,
                       query_memory=config.memory.query_memory)
     runner = WindowModel(model, spec, current_frame_only=config.memory.current_frame_only)
     scores = predict_windows(runner, test_set, batch_size=32)['verb']
     return float((scores.argmax(1) == test_set.verbs).mean())
+
+
+def run_variant(name: str, seed: int, train_set: PoolWindows, test_set: PoolWindows,
+                args: argparse.Namespace, out_dir: Path) -> float:
+    torch.manual_seed(seed)
+    model = MalmmModel(model_preset('edge', **ARCH), LabelMaps.placeholder(len(CUE_PHOTOS), 1))
+    return train_and_test(model, {'out_dir': str(out_dir / f'{name}-seed{seed}'), 'seed': seed,
+                                  'optim.epochs': args.epochs, 'optim.lr': 2e-3,
+                                  **VARIANTS[name]}, args.memory, train_set, test_set)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,17 +46,14 @@ from memory_ablation import (
     PoolWindows,
     distractors,
     encode_pool,
+    train_and_test,
 )
 from tqdm import tqdm
 
 from malmm_ros.config import model_preset
 from malmm_ros.labels import LabelMaps
 from malmm_ros.model.malmm import MalmmModel
-from malmm_ros.model.memory import MemorySpec
 from malmm_ros.model.time_encoding import RelativeTimeBias
-from malmm_ros.training.anticipation import train
-from malmm_ros.training.config import TrainConfig
-from malmm_ros.training.streaming import WindowModel, predict_windows
 
 FIRST, SECOND = CUE_PHOTOS[0], CUE_PHOTOS[1]  # label 0: FIRST came first; 1: SECOND did
 VARIANTS = {  # name: (training overrides, model overrides, start with zero time-bias tables)
@@ -96,12 +93,6 @@ def run_variant(name: str, memory: int, seed: int, train_set: PoolWindows,
                 test_set: PoolWindows, args: argparse.Namespace) -> float:
     """Train one variant with the real loop; its test accuracy."""
     train_overrides, model_overrides, zero_bias = VARIANTS[name]
-    config = TrainConfig.from_dict({
-        'out_dir': str(args.out / f'{name}-m{memory}-seed{seed}'), 'device': 'cpu',
-        'seed': seed, 'optim.epochs': args.epochs, 'optim.batch_size': 16,
-        'optim.warmup_steps': 10, 'optim.label_smoothing': 0.0, 'optim.noun_weight': 0.0,
-        'optim.action_weight': 0.0, 'optim.lr': args.lr,
-        **train_overrides})
     torch.manual_seed(seed)
     model = MalmmModel(model_preset('edge', **{**ARCH, **model_overrides}),
                        LabelMaps.placeholder(2, 1))
@@ -110,12 +101,10 @@ def run_variant(name: str, memory: int, seed: int, train_set: PoolWindows,
             for module in model.modules():
                 if isinstance(module, RelativeTimeBias):
                     module.table.zero_()
-    capacity = config.memory.capacity or memory
-    train(config, model, train_set, capacity=capacity, progress=False, save=False)
-    spec = MemorySpec(capacity, policy=config.memory.policy)
-    runner = WindowModel(model, spec, current_frame_only=config.memory.current_frame_only)
-    scores = predict_windows(runner, test_set, batch_size=32)['verb']
-    return float((scores.argmax(1) == test_set.verbs).mean())
+    return train_and_test(model, {'out_dir': str(args.out / f'{name}-m{memory}-seed{seed}'),
+                                  'seed': seed, 'optim.epochs': args.epochs,
+                                  'optim.lr': args.lr, **train_overrides},
+                          memory, train_set, test_set)
 
 
 _POOL: tuple = ()

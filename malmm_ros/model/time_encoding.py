@@ -106,6 +106,11 @@ def _rates(num_features: int, device: torch.device, dtype: torch.dtype) -> torch
         return torch.cat([-1.0 / taus, 2 * math.pi / periods]).to(dtype)
 
 
+def _spread(num_heads: int, span: float) -> torch.Tensor:
+    """Initial per-head slopes, evenly spaced in [-span, +span] (one head: no preference)."""
+    return torch.linspace(-span, span, num_heads) if num_heads > 1 else torch.zeros(1)
+
+
 class RelativeTimeBias(nn.Module):
     """Learned additive attention bias per head and age bucket.
 
@@ -120,8 +125,7 @@ class RelativeTimeBias(nn.Module):
         self.num_buckets = num_buckets
         self.max_age_s = max_age_s
         ramp = torch.linspace(0.0, 1.0, num_buckets).unsqueeze(1)  # (buckets, 1)
-        slopes = (torch.linspace(-AGE_PREFERENCE_SPAN, AGE_PREFERENCE_SPAN, num_heads)
-                  if num_heads > 1 else torch.zeros(1))
+        slopes = _spread(num_heads, AGE_PREFERENCE_SPAN)
         self.table = nn.Parameter(ramp * slopes.unsqueeze(0))  # (buckets, heads)
 
     def forward(self, ages_s: torch.Tensor) -> torch.Tensor:
@@ -157,9 +161,7 @@ class OrderBias(nn.Module):
 
     def __init__(self, num_heads: int) -> None:
         super().__init__()
-        self.slope = nn.Parameter(
-            torch.linspace(-ORDER_PREFERENCE_SPAN, ORDER_PREFERENCE_SPAN, num_heads)
-            if num_heads > 1 else torch.zeros(1))
+        self.slope = nn.Parameter(_spread(num_heads, ORDER_PREFERENCE_SPAN))
 
     def forward(self, places: torch.Tensor) -> torch.Tensor:
         """places [B, S] -> bias [B, heads, 1, S], broadcast over the queries."""
