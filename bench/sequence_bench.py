@@ -15,9 +15,10 @@ Variants, side by side at each memory length M (same streams, seeds and budget):
   pool       one slot: the running mean of all frames (MBC with M = 1)
   fifo       M slots, the oldest dropped (both cues fall out)
   mbc-v1     MBC as before issue 12: the attention bias per age bucket only, zero at the start
-             (model.order_bias false, time_features 0, bias tables zeroed)
+             (model.order_bias false, time_features 0, value_decays 0, bias tables zeroed)
   mbc        MBC as the model's default: the age-bucket bias and the order bias, both starting
-             as a spread of preferences (model/time_encoding.py)
+             as a spread of preferences, and the decays read beside the values
+             (model/time_encoding.py)
 
     python bench/sequence_bench.py [--memory 4 8 20] [--seeds 3] [--epochs 12] [--lr 2e-3]
                                [--jobs 2]
@@ -60,7 +61,7 @@ VARIANTS = {  # name: (training overrides, model overrides, start with zero time
     'none': ({'memory.current_frame_only': True}, {}, False),
     'pool': ({'memory.capacity': 1}, {}, False),
     'fifo': ({'memory.policy': 'fifo'}, {}, False),
-    'mbc-v1': ({}, {'time_features': 0, 'order_bias': False}, True),
+    'mbc-v1': ({}, {'time_features': 0, 'order_bias': False, 'value_decays': 0}, True),
     'mbc': ({}, {}, False),
 }
 

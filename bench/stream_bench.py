@@ -64,9 +64,11 @@ TARGET_TIME_COST = 1.10  # issue 12: a step may grow by at most 10 %
 # The time representations timed side by side: name -> edge model overrides. The first is the
 # default; every ratio is to the last, the model before issue 12 (age-bucket bias only).
 TIME_VARIANTS = {
-    'order bias (default)': {},
-    'order bias + age code (time_features 16)': {'time_features': 16},
-    'before issue 12 (bucket bias only)': {'order_bias': False},
+    'order bias + value decays (default)': {},
+    'order bias only (value_decays 0)': {'value_decays': 0},
+    'order bias + age code (time_features 16, value_decays 0)': {'time_features': 16,
+                                                                 'value_decays': 0},
+    'before issue 12 (bucket bias only)': {'order_bias': False, 'value_decays': 0},
 }
 TARGET_DRIFT = 1.05
 TARGET_RSS_GROWTH_MB = 5.0

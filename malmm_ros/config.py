@@ -48,13 +48,16 @@ class ModelConfig:
                               '0: off, the default: it costs a third of a step)', 0, 256)
     order_bias: bool = spec(True, 'a learned attention slope per head over each stored slot\'s '
                             'place in the temporal order (false: as checkpoints before it)')
+    value_decays: int = spec(8, 'decay timescales each visual-bank token carries beside its '
+                             'value (exp(-age / tau), tau 0.5-2,000 s; 0: off, as checkpoints '
+                             'before it)', 0, 64)
     recompute_projections: bool = spec(
         False, 'recompute bank key/value projections every step (slow; for comparison)')
 
     # Fields that describe weights; the rest are run-time switches.
     ARCHITECTURE = ('num_layers', 'hidden_size', 'num_heads', 'intermediate_size',
                     'num_queries', 'encoder_width', 'cross_attention_every', 'time_buckets',
-                    'max_age_s', 'time_features', 'order_bias')
+                    'max_age_s', 'time_features', 'order_bias', 'value_decays')
 
     def __post_init__(self) -> None:
         validate_fields(self, 'model')

@@ -17,8 +17,8 @@ Key mapping. A key is first stripped of its prefix (LAVIS `Qformer.bert.`, trans
 
 Not mapped: the text branch (word/position embeddings, `intermediate`/`output` of the text
 tokens), which queries never use, and each attention's time weights (the `time_bias` table,
-the `order_bias` slopes, the `age` projection), which BLIP-2 lacks: they stay zero, so a single
-frame with empty memory behaves exactly as the BLIP-2 Q-Former.
+the `order_bias` slopes, the `age` and `decay_out` projections), which BLIP-2 lacks: they stay
+zero, so a single frame with empty memory behaves exactly as the BLIP-2 Q-Former.
 BLIP-2's `ln_vision` normalises EVA-CLIP features (1408 wide) and has no counterpart for our
 encoder; the visual adapter is trained instead.
 """
@@ -104,7 +104,7 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
             shapes.append(f'{key} {tuple(tensor.shape)} -> {name} {tuple(ours[name].shape)}')
             continue
         loaded[name] = tensor
-    ours_only = ('.time_bias.', '.age.', '.order_bias.')
+    ours_only = ('.time_bias.', '.age.', '.order_bias.', '.decay_out.')
     missing = sorted(n for n in ours if n not in loaded and not any(t in n for t in ours_only))
     if shapes or missing or extra:
         details = []
@@ -126,3 +126,5 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
                 module.weight.zero_()
             elif module_name.endswith('order_bias'):
                 module.slope.zero_()
+            elif module_name.endswith('decay_out'):
+                module.weight.zero_()

@@ -142,8 +142,9 @@ def load_checkpoint(
     stored = metadata.get('model')
     if not isinstance(stored, dict):
         raise CheckpointError(f'checkpoint {path}: metadata has no "model" section')
-    # Checkpoints from before the age code or the order bias lack those keys: they ran without.
-    stored = {'time_features': 0, 'order_bias': False, **stored}
+    # Checkpoints from before the age code, the order bias or the value decays lack those keys:
+    # they ran without.
+    stored = {'time_features': 0, 'order_bias': False, 'value_decays': 0, **stored}
     try:
         arch = model_preset(stored.get('preset', 'edge'),
                             **{k: v for k, v in stored.items() if k != 'preset'})
@@ -165,7 +166,7 @@ def load_checkpoint(
             hint = ''
             # As YAML spells them: 0 and false.
             older = [f'model.{name}: {str(found[name]).lower()}'
-                     for name in ('time_features', 'order_bias')
+                     for name in ('time_features', 'order_bias', 'value_decays')
                      if not found[name] and wanted[name]]
             if older:
                 hint = ('; it was trained with an older time encoding: set '

@@ -3,13 +3,14 @@
 A bank holds T slots of N token positions. Compression (MBC) follows the public MA-LMM code: for
 each token position separately, merge the most similar pair of temporally adjacent slots into their
 count-weighted mean. Every tensor a bank carries beside its tokens (cached key/value projections,
-slot times) is merged with the same pair and the same weights, which keeps the cache exact: a
-weighted mean whose weights sum to one commutes with an affine map.
+slot times, decays) is merged with the same pair and the same weights, which keeps the cache
+exact: a weighted mean whose weights sum to one commutes with an affine map.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from malmm_ros.errors import ConfigError
 
 __all__ = [
     'BankRows',
+    'Decays',
     'MemoryBank',
     'MemorySpec',
     'StreamMemory',
@@ -35,6 +37,8 @@ class MemoryBank:
 
     `fields` are tensors stored beside the tokens (name -> width) that follow every merge, such
     as the cached key/value projections of the attention layers reading this bank.
+    `decay_rates` (1 / tau per timescale) adds the field 'decay': exp(-age / tau) of every
+    token, aged in place as frames arrive (model/time_encoding.py says why).
     capacity=None never compresses (the no-compression baseline of the benchmark).
 
     `policy` says what happens when the bank is over capacity: 'mbc' merges the most similar
@@ -53,7 +57,9 @@ class MemoryBank:
     POLICIES = ('mbc', 'fifo')
 
     def __init__(self, capacity: int | None, fields: Mapping[str, int] | None = None, *,
-                 groups: int = 1, policy: str = 'mbc') -> None:
+                 groups: int = 1, policy: str = 'mbc',
+                 decay_rates: Sequence[float] | None = None,
+                 decay_fields: Mapping[str, int] | None = None) -> None:
         if policy not in self.POLICIES:
             raise ValueError(f'memory policy must be one of {self.POLICIES}, got {policy!r}')
         self.policy = policy
@@ -64,6 +70,32 @@ class MemoryBank:
         self.capacity = capacity
         self.fields = dict(fields or {})
         self.groups = groups
+        # Decays: exp(-age / tau) per timescale, merged like the tokens (a merged slot holds
+        # the mean decay of its frames). They live in the last F channels of each of `parts`
+        # equal parts of the fields named in decay_fields (each head's cached value, so
+        # attention reads [value_h ; decays] with no copy), or in a field 'decay' of their own.
+        # Stored as of a reference time: stored * decay_scale() is the decay now. Every token
+        # ages by the same factor, so a reader applies it to what it read, and the stored
+        # values are rescaled in place only when new frames' values would grow too large.
+        self.decay_rates = tuple(float(r) for r in decay_rates or ())
+        self.decay_fields: dict[str, int] = {}
+        if self.decay_rates:
+            if any(not math.isfinite(r) or r <= 0 for r in self.decay_rates):
+                raise ValueError(f'decay rates must be finite and > 0, got {self.decay_rates}')
+            for name, parts in (decay_fields or {}).items():
+                width = self.fields.get(name, 0)
+                if parts < 1 or width % parts or width // parts < len(self.decay_rates):
+                    raise ValueError(f'decay field {name!r} of width {width} cannot hold '
+                                     f'{parts} part(s) of {len(self.decay_rates)} decays')
+                self.decay_fields[name] = parts
+            if not self.decay_fields:
+                if 'decay' in self.fields:
+                    raise ValueError("field name 'decay' is reserved for the decays")
+                self.fields['decay'] = len(self.decay_rates)
+                self.decay_fields = {'decay': 1}
+        elif decay_fields:
+            raise ValueError('decay_fields without decay_rates')
+        self._exps: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
         self._data: torch.Tensor | None = None  # (G*B, S, N, W) packed: tokens, then fields
         self.reset()
 
@@ -78,6 +110,8 @@ class MemoryBank:
         self._free: torch.Tensor | None = None  # (G*B, 1, N): physical slot for the next
         self._batch = 0
         self._token_width = 0
+        self._last_time = 0.0  # newest stamp seen (the decays' clock: it never goes back)
+        self._decay_ref = 0.0  # the time the stored decays are relative to
         self._open = False  # a slot was opened and not yet committed
         self._sims_pending = False  # the newest slot's similarity is computed at commit
         self.frames_seen = 0
@@ -157,6 +191,8 @@ class MemoryBank:
             raise ValueError(f'frame tokens {tuple(like.shape)} do not fit bank of '
                              f'{self._batch} x {self._data.shape[2]} x {self._token_width}')
         slot = self._free
+        if self.decay_rates:
+            self._start_decays(float(time_s), slot)
         self._counts.scatter_(1, slot, 1.0)
         self._times.scatter_(1, slot, float(time_s))
         self._order[:, self._len:self._len + 1] = slot
@@ -167,13 +203,66 @@ class MemoryBank:
         self._sims_pending = self._len > 1
         self._open = True
 
+    def _decay_views(self, data: torch.Tensor) -> list[torch.Tensor]:
+        """The decay channels of `data` [R, S, N, packed]: one [R, S, N, parts, F] view per
+        decay field."""
+        count = len(self.decay_rates)
+        return [data[..., self._slice(name)].unflatten(-1, (parts, -1))[..., -count:]
+                for name, parts in self.decay_fields.items()]
+
+    def _start_decays(self, time_s: float, slot: torch.Tensor) -> None:
+        """Advance the decays' clock to `time_s` (jitter back in time counts as no time
+        passing) and give the new slot the decays of age 0 (exp(elapsed / tau) relative to the
+        reference time), rescaling every stored decay first if those would pass e^16."""
+        assert self._data is not None
+        if self._len == 0:
+            self._last_time = self._decay_ref = time_s
+        elif time_s > self._last_time:  # False for jitter (and NaN)
+            self._last_time = time_s
+            if (time_s - self._decay_ref) * max(self.decay_rates) > _MAX_LOG_DECAY:
+                shift = self._exp(self._decay_ref - time_s, self._data)
+                for decay in self._decay_views(self._data):
+                    decay.mul_(shift)
+                self._decay_ref = time_s
+        fresh = self._exp(self._last_time - self._decay_ref, self._data)
+        if 'decay' in self.decay_fields:  # a field of its own: nobody else writes it
+            decay = self._data[..., self._slice('decay')]
+            decay.scatter_(1, _expand(slot, (*slot.shape, decay.shape[-1])),
+                           fresh.expand(*slot.shape, -1))
+
+    def _exp(self, elapsed: float, like: torch.Tensor) -> torch.Tensor:
+        """exp(elapsed * rate) per timescale, as `like` (the last few kept: frames usually
+        arrive on a fixed grid, so the same values recur)."""
+        key = (elapsed, like.dtype, like.device)
+        found = self._exps.get(key)
+        if found is None:
+            if len(self._exps) > 8:
+                self._exps.clear()
+            found = torch.tensor([math.exp(elapsed * rate) for rate in self.decay_rates],
+                                 dtype=like.dtype, device=like.device)
+            self._exps[key] = found
+        return found
+
+    def decay_scale(self) -> torch.Tensor:
+        """[F]: stored decays times this are the decays at the newest frame's time."""
+        if self._data is None or not self.decay_rates:
+            raise RuntimeError('the bank has no decays yet')
+        return self._exp(self._decay_ref - self._last_time, self._data)
+
     def write(self, name: str, value: torch.Tensor, group: int | None = None) -> None:
         """Fill field `name` (or 'tokens') of the newest frame: value [B, N, W] for one group,
-        or [G*B, N, W] with group None."""
+        or [G*B, N, W] with group None. A field holding decays takes every channel but the
+        decays (W minus F per part): the bank keeps those."""
         if self._newest is None or self._data is None:
             raise RuntimeError('write() before add_frame() / open_slot()')
         rows = self._rows(group)
         target = self._data[rows, :, :, self._slice(name)]
+        if name in self.decay_fields:  # the value's parts, each followed by the new decays
+            parts = self.decay_fields[name]
+            value = value.detach().reshape(*value.shape[:-1], parts, -1)
+            fresh = self._exp(self._last_time - self._decay_ref, target)
+            value = torch.cat([value.to(target.dtype),
+                               fresh.expand(*value.shape[:-1], -1)], dim=-1).flatten(-2)
         value = value.detach().unsqueeze(1)  # (B, 1, N, W)
         target.scatter_(1, _expand(self._newest[rows], value.shape), value.to(target.dtype))
 
@@ -264,6 +353,16 @@ class MemoryBank:
         if self._data is None or self._len == 0:
             raise RuntimeError('the bank is empty')
         return self._data[self._rows(group), :self._used(), :, self._slice(name)]
+
+    def decays(self, group: int | None = None) -> torch.Tensor:
+        """exp(-age / tau) of every token in use, in storage order: [B, S_used, N, F] (the
+        first decay field's first part, times decay_scale())."""
+        if not self.decay_rates:
+            raise KeyError('bank has no decays (decay_rates not set)')
+        if self._data is None or self._len == 0:
+            raise RuntimeError('the bank is empty')
+        stored = self._decay_views(self._data[self._rows(group), :self._used()])[0][..., 0, :]
+        return stored * self.decay_scale()
 
     def ages(self, now_s: float, group: int | None = None) -> torch.Tensor:
         """Age in seconds of every slot in use, in storage order: [B, S_used, N] float64."""
@@ -391,15 +490,28 @@ class BankRows:
         return self.bank.nbytes() // self.bank.groups
 
 
+# Stored decays are rescaled once a new frame's would pass e^16 (far from float32's e^88).
+_MAX_LOG_DECAY = 16.0
+
+
 def _expand(slots: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Index [B, K, N] broadcast over a trailing width: [B, K, N, W]."""
-    return slots.unsqueeze(-1).expand(*shape)
+    """Index [B, K, N] broadcast over trailing dims: [B, K, N, W] (or [B, K, N, P, W])."""
+    return slots.view(*slots.shape, *[1] * (len(shape) - slots.dim())).expand(*shape)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity over the last dim, computed exactly as the functional MBC reference of
     the tests (test/support/mbc_reference.py)."""
     return (F.normalize(a, dim=-1, eps=1e-12) * F.normalize(b, dim=-1, eps=1e-12)).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class Decays:
+    """A bank's decays: rates (1 / tau per timescale) and the fields holding them (name ->
+    parts, MemoryBank's decay_fields; empty: a field of their own)."""
+
+    rates: tuple[float, ...]
+    fields: Mapping[str, int]
 
 
 @dataclass(frozen=True)
@@ -434,18 +546,27 @@ class StreamMemory:
     `spec` says how it behaves (MemorySpec). With spec.cache_projections the banks also keep
     each attention layer's key/value projections of stored frames (`visual_fields`,
     `query_fields`: name -> width); without it every step recomputes them, as the public code
-    does.
+    does. `visual_decays` / `query_decays` give a bank its decays (Decays: in the cached value
+    fields, or in a field of their own when nothing is cached).
     """
 
     def __init__(self, num_layers: int, spec: MemorySpec, *,
                  visual_fields: Mapping[str, int] | None = None,
-                 query_fields: Mapping[str, int] | None = None) -> None:
+                 query_fields: Mapping[str, int] | None = None,
+                 visual_decays: Decays | None = None,
+                 query_decays: Decays | None = None) -> None:
         cached = spec.cache_projections
+
+        def bank(fields: Mapping[str, int] | None, decays: Decays | None,
+                 groups: int) -> MemoryBank:
+            # Without cached fields the decays get a field of their own.
+            return MemoryBank(spec.capacity, fields if cached else None, groups=groups,
+                              policy=spec.policy, decay_rates=decays.rates if decays else None,
+                              decay_fields=decays.fields if decays and cached else None)
+
         self.spec = spec
-        self.visual = MemoryBank(spec.capacity, visual_fields if cached else None,
-                                 policy=spec.policy)
-        self.query_bank = MemoryBank(spec.capacity, query_fields if cached else None,
-                                     groups=num_layers, policy=spec.policy)
+        self.visual = bank(visual_fields, visual_decays, 1)
+        self.query_bank = bank(query_fields, query_decays, num_layers)
         self.queries = [self.query_bank.rows(layer) for layer in range(num_layers)]
         self.frames_seen = 0
 

@@ -14,21 +14,41 @@ Classes read leaf to root: attention, feed-forward, block, Q-Former.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from malmm_ros.config import ModelConfig
-from malmm_ros.model.memory import MemoryBank, MemorySpec, StreamMemory
+from malmm_ros.model.memory import Decays, MemoryBank, MemorySpec, StreamMemory
 from malmm_ros.model.time_encoding import (
     OrderBias,
     RelativeTimeBias,
     age_buckets,
     age_features,
+    decay_rates,
     order_places,
 )
 
-__all__ = ['FeedForward', 'MemoryAttention', 'MemoryQFormer', 'QFormerLayer']
+__all__ = ['BankLayout', 'FeedForward', 'MemoryAttention', 'MemoryQFormer', 'QFormerLayer']
+
+# The value decays (model.value_decays) ride with the visual bank's tokens, read by
+# cross-attention. The query banks' self-attention goes without: SELF_ATTENTION_DECAYS.
+SELF_ATTENTION_DECAYS = False
+
+
+@dataclass
+class BankLayout:
+    """What the attention layers reading one bank keep in it: cached fields (name -> width),
+    and whether and where the decays live (field -> heads)."""
+
+    fields: dict[str, int] = field(default_factory=dict)
+    decay_fields: dict[str, int] = field(default_factory=dict)
+    needs_decays: bool = False
+
+    def decays(self, rates: tuple[float, ...]) -> Decays | None:
+        return Decays(rates, self.decay_fields) if self.needs_decays and rates else None
 
 
 class MemoryAttention(nn.Module):
@@ -37,7 +57,8 @@ class MemoryAttention(nn.Module):
     `cache_key` names this layer's cached projections inside the bank it reads.
     """
 
-    def __init__(self, config: ModelConfig, kv_width: int, cache_key: str) -> None:
+    def __init__(self, config: ModelConfig, kv_width: int, cache_key: str,
+                 decays: bool = False) -> None:
         super().__init__()
         width = config.hidden_size
         self.num_heads = config.num_heads
@@ -52,6 +73,11 @@ class MemoryAttention(nn.Module):
         self.age = (nn.Linear(config.time_features, 2 * width, bias=False)
                     if config.time_features else None)
         self.order_bias = OrderBias(config.num_heads) if config.order_bias else None
+        # Attention-weighted decays of each head -> the output (time_encoding.py).
+        self.num_decays = config.value_decays if decays else 0
+        self.decay_out = (nn.Linear(config.num_heads * self.num_decays, width, bias=False)
+                          if self.num_decays else None)
+        self._cached_weights: tuple | None = None  # _weights() while inferring
 
     def forward(self, hidden: torch.Tensor, current: torch.Tensor, bank: MemoryBank,
                 buckets: torch.Tensor, ages: torch.Tensor | None,
@@ -66,36 +92,93 @@ class MemoryAttention(nn.Module):
         step); the age and order terms are added here, never cached.
         """
         batch, num_q, width = hidden.shape
+        heads, head_dim = self.num_heads, width // self.num_heads
+        per_head = head_dim + self.num_decays  # keys: F zeros after each head; values: decays
         key_name, value_name = f'{self.cache_key}.k', f'{self.cache_key}.v'
+        query_proj, key_proj, output_proj = self._weights()  # (weight, bias) each
         cached = bank.has(key_name)
         if cached:
-            key_now, value_now = self.key(current), self.value(current)  # (B, N, D)
+            key_now = F.linear(current, *key_proj)  # (B, N, heads * per_head)
+            value_now = self.value(current)  # (B, N, D)
             bank.write(key_name, key_now, group)
-            bank.write(value_name, value_now, group)
+            bank.write(value_name, value_now, group)  # the bank keeps the decays beside it
         if cached and not torch.is_grad_enabled():
-            keys, values = bank.view(key_name, group), bank.view(value_name, group)  # (B,S,N,D)
+            # The bank keeps both as the attention reads them; values carry each token's
+            # decays after each head's channels, aged in place by the bank.
+            k = bank.view(key_name, group).reshape(batch, -1, heads, per_head)
+            v = bank.view(value_name, group).reshape(batch, -1, heads, per_head)
         else:
             # Project every stored frame: the public code's way, and the training path, where
             # the key/value weights need gradients through all slots (the cache is detached).
             # place_newest builds a new tensor, so later in-place merges cannot corrupt what
             # autograd saved, and puts the live current frame in.
             tokens = bank.place_newest(bank.view('tokens', group), current, group)
-            keys, values = self.key(tokens), self.value(tokens)
-
+            k = F.linear(tokens, *key_proj).reshape(batch, -1, heads, per_head)
+            v = self.value(tokens).reshape(batch, -1, heads, head_dim)
+            if self.num_decays:
+                decays = bank.decays(group).reshape(batch, -1, 1, self.num_decays)
+                v = torch.cat([v, decays.to(v.dtype).expand(-1, -1, heads, -1)], dim=-1)
         if self.age is not None:
             key_shift, value_shift = self.age(ages).chunk(2, dim=-1)  # (B, S*N, D) each
-            keys = keys.reshape(batch, -1, width) + key_shift
-            values = values.reshape(batch, -1, width) + value_shift
-        head_dim = width // self.num_heads
-        q = self.query(hidden).view(batch, num_q, self.num_heads, head_dim).transpose(1, 2)
-        k = keys.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, h, S*N, hd)
-        v = values.reshape(batch, -1, self.num_heads, head_dim).transpose(1, 2)
-        bias = self.time_bias.from_buckets(buckets).to(q.dtype)  # (B, h, 1, S*N)
-        if self.order_bias is not None:
-            bias = bias + self.order_bias(places)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, Q, hd)
-        context = context.transpose(1, 2).reshape(batch, num_q, width)
-        return self.norm(hidden + self.output(context))
+            k = k + self._pad_heads(key_shift).view_as(k)
+            v = v + self._pad_heads(value_shift).view_as(v)
+        # Queries get the zero channels too: one width for all three (the fused attention
+        # kernel needs it), and zeros leave every logit as it was.
+        q = F.linear(hidden, *query_proj).view(batch, num_q, heads, per_head)
+        bias = self.time_bias.from_buckets(buckets, self.order_bias, places)  # (B, h, 1, S*N)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), attn_mask=bias,
+                                             scale=head_dim ** -0.5)  # (B, h, Q, hd [+ F])
+        if self.num_decays and cached and not torch.is_grad_enabled():
+            # The cache holds decays relative to the bank's reference time; every token ages by
+            # the same factor, so it applies to the attention-weighted sums as well.
+            out[..., head_dim:] *= bank.decay_scale()
+        # With decays each head returned its attention-weighted decays beside its context (the
+        # weights are linear in v); output_proj maps [context_h ; decays_h] per head: output
+        # and decay_out in one matmul.
+        out = out.transpose(1, 2).reshape(batch, num_q, -1)  # (B, Q, h * (hd [+ F]))
+        return self.norm(hidden + F.linear(out, *output_proj))
+
+    def add_fields(self, layout: BankLayout) -> None:
+        """Declare this layer's cached key/value fields (and where its decays live) in the
+        layout of the bank it reads."""
+        width = self.query.out_features + self.num_heads * self.num_decays
+        layout.fields.update({f'{self.cache_key}.k': width, f'{self.cache_key}.v': width})
+        layout.needs_decays |= bool(self.num_decays)
+        if self.num_decays:
+            layout.decay_fields[f'{self.cache_key}.v'] = self.num_heads
+
+    def _weights(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """(weight, bias) of the query and key projections with F zero outputs after each
+        head's, and of the output projection over [context_h ; decays_h] per head (output and
+        decay_out interleaved). One matmul each, no pad or copy of activations. Kept while
+        the parameters stay the same and autograd is off (inference)."""
+        params = (self.query.weight, self.query.bias, self.key.weight, self.key.bias,
+                  self.output.weight, self.output.bias)
+        if self.decay_out is None:
+            return (params[0], params[1]), (params[2], params[3]), (params[4], params[5])
+        params += (self.decay_out.weight,)
+        stamp = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        grad = torch.is_grad_enabled()
+        if not grad and self._cached_weights is not None and self._cached_weights[0] == stamp:
+            return self._cached_weights[1]
+        q_weight, q_bias, k_weight, k_bias, o_weight, o_bias, d_weight = params
+        width = o_weight.shape[0]
+        weights = ((self._pad_heads(q_weight.T).T, self._pad_heads(q_bias)),
+                   (self._pad_heads(k_weight.T).T, self._pad_heads(k_bias)),
+                   (torch.cat([o_weight.view(width, self.num_heads, -1),
+                               d_weight.view(width, self.num_heads, self.num_decays)],
+                              dim=-1).view(width, -1), o_bias))
+        self._cached_weights = None if grad else (stamp, weights)
+        return weights
+
+    def _pad_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., heads * (head_dim + F)]: F zeros after each head's channels (x as
+        it is without decays)."""
+        if not self.num_decays:
+            return x
+        split = x.reshape(*x.shape[:-1], self.num_heads, -1)
+        return F.pad(split, (0, self.num_decays)).flatten(-2)
 
 
 class FeedForward(nn.Module):
@@ -117,9 +200,10 @@ class QFormerLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         self.index = index
-        self.self_attention = MemoryAttention(config, config.hidden_size, 'self')
+        self.self_attention = MemoryAttention(config, config.hidden_size, 'self',
+                                              decays=SELF_ATTENTION_DECAYS)
         self.cross_attention = (
-            MemoryAttention(config, config.encoder_width, f'cross{index}')
+            MemoryAttention(config, config.encoder_width, f'cross{index}', decays=True)
             if index in config.cross_attention_layers() else None
         )
         self.feed_forward = FeedForward(config)
@@ -138,14 +222,15 @@ class MemoryQFormer(nn.Module):
 
     def new_memory(self, spec: MemorySpec) -> StreamMemory:
         """An empty memory shaped for this Q-Former."""
-        width = self.config.hidden_size
-        visual_fields = {}
+        visual, query = BankLayout(), BankLayout()
         for layer in self.layers:
+            layer.self_attention.add_fields(query)
             if layer.cross_attention is not None:
-                name = layer.cross_attention.cache_key
-                visual_fields.update({f'{name}.k': width, f'{name}.v': width})
-        return StreamMemory(self.config.num_layers, spec, visual_fields=visual_fields,
-                            query_fields={'self.k': width, 'self.v': width})
+                layer.cross_attention.add_fields(visual)
+        rates = decay_rates(self.config.value_decays) if self.config.value_decays else ()
+        return StreamMemory(self.config.num_layers, spec, visual_fields=visual.fields,
+                            query_fields=query.fields,
+                            visual_decays=visual.decays(rates), query_decays=query.decays(rates))
 
     def step(self, visual: torch.Tensor, now_s: float, memory: StreamMemory) -> torch.Tensor:
         """Process one frame: visual tokens [B, N, encoder_width] at time now_s -> [B, Q, D].

@@ -1,39 +1,57 @@
-"""How MA-LMM's memory knows when a stored token happened: its age and its place in the order.
+"""How MA-LMM's memory knows when a stored token happened: its age, its place in the order and
+how far each token has decayed.
 
 The public MA-LMM code adds a learned embedding of the absolute frame index to the stored
 features (capped at 120 frames, so longer streams crash). We use relative time instead, read
-from the banks on every step and added to the attention logits (never to what is cached):
+from the banks on every step (never baked into what is cached):
 
-1. `RelativeTimeBias`: a learned bias per head and log-spaced age bucket (in the spirit of
-   T5's relative buckets). The age is now minus the token's count-weighted mean time (a merged
-   token's age is the mean age of the frames it holds), in seconds, so a model trained at one
-   sampling rate degrades gracefully at another. It says how long ago.
-2. `OrderBias`: a learned slope per head times the token's place in its position's temporal
-   order (0 the current frame, 1 the oldest slot of a full bank; `order_places`). It says
-   which came first, at any age. Log buckets cannot: two events 12 s apart 40-52 s ago share
-   a bucket, and bench/sequence_bench.py's which-came-first task stayed near chance at the
-   node's M = 20 with the buckets alone (67 % over three seeds) while it reached 95 %+ at
-   M = 4 and 8, where the two cues sat in different buckets.
+1. `RelativeTimeBias`: a learned attention-logit bias per head and log-spaced age bucket (in
+   the spirit of T5's relative buckets). The age is now minus the token's count-weighted mean
+   time (a merged token's age is the mean age of the frames it holds), in seconds, so a model
+   trained at one sampling rate degrades gracefully at another. It says how long ago.
+2. `OrderBias`: a learned logit slope per head times the token's place in its position's
+   temporal order (0 the current frame, 1 the oldest slot of a full bank; `order_places`). It
+   says which came first, at any age. Log buckets cannot: two events 12 s apart 40-52 s ago
+   share a bucket, and bench/sequence_bench.py's which-came-first task stayed near chance at
+   the node's M = 20 with the buckets alone (67 % over three seeds).
+3. Value decays (model.value_decays, 8 by default): every token of the visual bank carries
+   exp(-age / tau) for taus geometric from 0.5 s to 2,000 s (`decay_rates`). Cross-attention
+   reads them as extra value channels after each head's, so each head returns the
+   attention-weighted decays of what it attended to, and a learned projection (`decay_out`)
+   adds them to the output. The biases above only steer where a head looks; the decays put the
+   "when" of what it found into its output, so the read-out can tell "the knife, long ago" from
+   "the knife, just now". With the order bias alone the which-first task reached 99 % at
+   M = 20 but learned and then overfitted at M = 8 (89 % over three seeds); with the decays
+   both are met (docs/PERFORMANCE.md).
+   Bank state, not a function of the mean time: a merged token holds the mean decay of its
+   frames (MBC merges them like the tokens), which is what its merged value is the mean of.
+   The bank stores them in the cached values' layout (model/memory.py), relative to a
+   reference time: every token ages by the same factor per timescale, so the attention
+   applies exp(-(now - ref) / tau) to its [Q, F] result instead of touching every stored
+   token, and the bank rescales them in place only when new frames' values would pass e^16.
+   The query banks' self-attention reads no decays (model/qformer.py
+   SELF_ATTENTION_DECAYS): the visual bank is where the events are, and each extra
+   attention width costs.
 
-Both start as a spread of preferences (ALiBi-like slopes of both signs): one head leans to the
-newest, one to the oldest, the others in between. The start matters. With every head
+The biases start as a spread of preferences (ALiBi-like slopes of both signs): one head leans
+to the newest, one to the oldest, the others in between. The start matters. With every head
 indifferent to time, "A then B" and "B then A" give the same attention and the same outputs,
 so the loss has no gradient towards order and training waits at chance until noise breaks the
 tie (measured: the zero start stayed near chance). A head that leans old returns more of
 whichever cue is older from the first step, so the read-out has something to learn at once.
 
-3. `age_features` (model.time_features > 0, off by default): a fixed multi-scale code of the
-   age (exponential decays and sin/cos pairs), projected by each attention layer into a shift
-   of the stored keys and values at attention time. It let the bucket bias learn order at
-   M = 4 and 8, but not at M = 20. It costs about a third of a step, so it is off by default;
-   on the values alone it kept M = 8 from overfitting with the order bias in a single run
-   (docs/PERFORMANCE.md), so a cheaper form of it is the next step.
+4. `age_features` (model.time_features > 0, off by default): a fixed multi-scale code of the
+   age (decays and sin/cos pairs), projected by each attention layer into a shift of the
+   stored keys and values at attention time. Measured before the value decays: it let the
+   bucket bias learn order at M = 4 and 8, not at M = 20, and costs about a third of a step.
 
 All keep what the memory guarantees:
-- stationary: frame 100,000 sees the same ages and places as frame 100 (no absolute index);
-- exact with cached projections: the time terms are added at attention time, never stored, so
-  the cached key/value projections of stored frames stay valid as slots age and merge;
-- cheap: the default adds two [heads, S*N] biases per layer (bench/stream_bench.py measures it).
+- stationary: frame 100,000 sees the same ages, places and decays as frame 100 (no absolute
+  index; the decays depend only on time differences);
+- exact with cached projections: the biases are added at attention time and the decays are
+  bank state merged like the cached keys/values, so cached and recomputed steps agree;
+- cheap: two [heads, S*N] biases per attention and F more channels per head in the
+  cross-attention (bench/stream_bench.py measures the cost side by side).
 """
 
 from __future__ import annotations
@@ -42,13 +60,14 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['AGE_PREFERENCE_SPAN', 'ORDER_PREFERENCE_SPAN', 'OrderBias', 'RelativeTimeBias',
-           'age_buckets', 'age_features', 'order_places']
+           'age_buckets', 'age_features', 'decay_rates', 'order_places']
 
-# Timescales of the age code, geometric from 0.5 s to 2,000 s: sub-second order at camera rates
-# up to half an hour of kitchen activity.
+# Timescales of the value decays and the age code, geometric from 0.5 s to 2,000 s: sub-second
+# order at camera rates up to half an hour of kitchen activity.
 MIN_PERIOD_S, MAX_PERIOD_S = 0.5, 2000.0
 # Attention-logit range of the initial age preferences, newest to oldest bucket. Measured with
 # bench/sequence_bench.py at M = 8, 12 epochs: with 3 one of two seeds ended at 86 %; with 6 that
@@ -106,6 +125,15 @@ def _rates(num_features: int, device: torch.device, dtype: torch.dtype) -> torch
         return torch.cat([-1.0 / taus, 2 * math.pi / periods]).to(dtype)
 
 
+def decay_rates(num_decays: int) -> tuple[float, ...]:
+    """1 / tau_j for `num_decays` timescales geometric in [0.5 s, 2,000 s] (the banks' decay
+    field, `MemoryBank(decay_rates=...)`)."""
+    if num_decays == 1:
+        return (1.0 / math.sqrt(MIN_PERIOD_S * MAX_PERIOD_S),)
+    lo, hi = math.log(MIN_PERIOD_S), math.log(MAX_PERIOD_S)
+    return tuple(math.exp(-(lo + (hi - lo) * j / (num_decays - 1))) for j in range(num_decays))
+
+
 def _spread(num_heads: int, span: float) -> torch.Tensor:
     """Initial per-head slopes, evenly spaced in [-span, +span] (one head: no preference)."""
     return torch.linspace(-span, span, num_heads) if num_heads > 1 else torch.zeros(1)
@@ -132,9 +160,17 @@ class RelativeTimeBias(nn.Module):
         """ages_s [B, S] -> bias [B, heads, 1, S], broadcast over the queries."""
         return self.from_buckets(age_buckets(ages_s, self.num_buckets, self.max_age_s))
 
-    def from_buckets(self, buckets: torch.Tensor) -> torch.Tensor:
-        """Precomputed buckets [B, S] -> bias [B, heads, 1, S] (buckets shared across layers)."""
-        return self.table[buckets].permute(0, 2, 1).unsqueeze(2)  # (B, S, h) -> (B, h, 1, S)
+    def from_buckets(self, buckets: torch.Tensor, order: OrderBias | None = None,
+                     places: torch.Tensor | None = None) -> torch.Tensor:
+        """Precomputed buckets [B, S] -> bias [B, heads, 1, S] (buckets shared across layers),
+        plus `order`'s bias over `places` [B, S] when given: one lookup and one fused
+        multiply-add, as this runs in every attention layer on every step."""
+        bias = F.embedding(buckets, self.table)  # (B, S, h)
+        if order is not None:
+            bias = torch.addcmul(bias, places.unsqueeze(-1).to(bias.dtype), order.slope)
+        # Tokens contiguous: the attention kernel expands the bias over the queries with a
+        # copy, several times slower from a strided bias.
+        return bias.transpose(1, 2).contiguous().unsqueeze(2)  # (B, h, 1, S)
 
 
 def order_places(ranks: torch.Tensor, capacity: int | None, dtype: torch.dtype) -> torch.Tensor:

@@ -19,4 +19,4 @@ def test_time_cost_times_every_representation_once_the_bank_is_full() -> None:
     assert bench.time_cost_ratio(cost) > 0
     # The default is the model's default; the last is the model before issue 12.
     assert bench.TIME_VARIANTS[next(iter(bench.TIME_VARIANTS))] == {}
-    assert list(bench.TIME_VARIANTS.values())[-1] == {'order_bias': False}
+    assert list(bench.TIME_VARIANTS.values())[-1] == {'order_bias': False, 'value_decays': 0}

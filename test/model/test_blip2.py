@@ -20,7 +20,8 @@ from malmm_ros.model.qformer import MemoryQFormer
 
 NUM_LAYERS = 2
 HIDDEN, INTERMEDIATE, VISION, HEADS, QUERIES = 768, 3072, 1408, 12, 32
-CONFIG = model_preset('blip2', num_layers=NUM_LAYERS, time_features=16)  # every time weight
+CONFIG = model_preset('blip2', num_layers=NUM_LAYERS, time_features=16,  # every time weight
+                      value_decays=8)
 
 # (LAVIS suffix, transformers suffix, our suffix, shape kind) of each layer's Linear/LayerNorm.
 LAYER_NAMES = [
@@ -139,11 +140,14 @@ def _check_landed(qformer: MemoryQFormer, expected: dict[str, torch.Tensor]) -> 
     time_bias = {n for n in state if '.time_bias.' in n}
     order = {n for n in state if '.order_bias.' in n}
     age = {n for n in state if '.age.' in n}
+    decays = {n for n in state if '.decay_out.' in n}
     assert len(time_bias) == len(order) == len(age) == NUM_LAYERS + (NUM_LAYERS + 1) // 2
-    assert set(state) == set(expected) | time_bias | order | age, 'the mapping misses a weight'
+    assert len(decays) == (NUM_LAYERS + 1) // 2  # cross-attention reads the decays
+    assert set(state) == set(expected) | time_bias | order | age | decays, \
+        'the mapping misses a weight'
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
-    for name in time_bias | order | age:
+    for name in time_bias | order | age | decays:
         assert torch.count_nonzero(state[name]) == 0, name
 
 

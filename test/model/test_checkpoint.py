@@ -378,7 +378,8 @@ def test_every_other_checkpoint_counts_as_trained(saved: Path, tmp_path: Path) -
         checkpoint_is_trained(tmp_path / 'absent.safetensors')
 
 
-# -- checkpoints from before the age code (time_features) and the order bias (order_bias) -----
+# -- checkpoints from before the age code (time_features), the order bias (order_bias) and ----
+# -- the value decays (value_decays) ----------------------------------------------------------
 
 
 def _older_format(directory: Path, absent: dict[str, Any], **present: Any
@@ -395,30 +396,38 @@ def _older_format(directory: Path, absent: dict[str, Any], **present: Any
     for name in absent:
         del header['model'][name]
     save_file(tensors, str(path), metadata={'malmm_ros': json.dumps(header)})
-    assert not any('.order_bias.' in name for name in tensors)
+    assert not any('.decay_out.' in name for name in tensors)
     return path, model
 
 
 @pytest.fixture(scope='module')
 def old_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmModel]:
-    """Before both: the age-bucket bias only."""
+    """Before all three: the age-bucket bias only."""
     path, model = _older_format(tmp_path_factory.mktemp('old'),
-                                {'time_features': 0, 'order_bias': False})
-    assert not any('.age.' in name for name in _raw(path)[1])
+                                {'time_features': 0, 'order_bias': False, 'value_decays': 0})
+    tensors = _raw(path)[1]
+    assert not any('.age.' in name or '.order_bias.' in name for name in tensors)
     return path, model
 
 
 @pytest.fixture(scope='module')
 def age_code_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmModel]:
     """With the age code, before the order bias."""
-    return _older_format(tmp_path_factory.mktemp('age'), {'order_bias': False},
-                         time_features=16)
+    return _older_format(tmp_path_factory.mktemp('age'),
+                         {'order_bias': False, 'value_decays': 0}, time_features=16)
+
+
+@pytest.fixture(scope='module')
+def order_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmModel]:
+    """With the order bias, before the value decays."""
+    return _older_format(tmp_path_factory.mktemp('order'), {'value_decays': 0})
 
 
 def test_old_format_loads_with_the_bias_only(old_format: tuple[Path, MalmmModel]) -> None:
     path, model = old_format
     loaded = load_checkpoint(path)
     assert loaded.config.time_features == 0 and loaded.config.order_bias is False
+    assert loaded.config.value_decays == 0
     for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
@@ -432,18 +441,32 @@ def test_age_code_format_loads_without_the_order_bias(
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+def test_order_format_loads_without_the_value_decays(
+        order_format: tuple[Path, MalmmModel]) -> None:
+    path, model = order_format
+    loaded = load_checkpoint(path)
+    assert loaded.config.order_bias is True and loaded.config.value_decays == 0
+    assert all(layer.self_attention.decay_out is None for layer in loaded.qformer.layers)
+    for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_old_format_against_a_new_config_says_why(old_format: tuple[Path, MalmmModel]) -> None:
     path, _ = old_format
-    with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; it '
+    with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; '
+                                              r'value_decays: config 8 vs checkpoint 0; it '
                                               r'was trained with an older time encoding: set '
-                                              r'model.order_bias: false to run it'):
+                                              r'model.order_bias: false, model.value_decays: 0 '
+                                              r'to run it'):
         load_checkpoint(path, CONFIG)
-    # With the age code asked for too, both settings are named.
+    # With the age code asked for too, every setting is named.
     with_code = ModelConfig(**{**CONFIG.architecture(), 'time_features': 16})
     with pytest.raises(CheckpointError, match=r'time_features: config 16 vs checkpoint 0; '
-                                              r'order_bias: config True vs checkpoint False; it '
+                                              r'order_bias: config True vs checkpoint False; '
+                                              r'value_decays: config 8 vs checkpoint 0; it '
                                               r'was trained with an older time encoding: set '
-                                              r'model.time_features: 0, model.order_bias: false'):
+                                              r'model.time_features: 0, model.order_bias: false, '
+                                              r'model.value_decays: 0 to run it'):
         load_checkpoint(path, with_code)
 
 
@@ -451,7 +474,18 @@ def test_age_code_format_against_a_new_config_says_why(
         age_code_format: tuple[Path, MalmmModel]) -> None:
     path, _ = age_code_format
     with_code = ModelConfig(**{**CONFIG.architecture(), 'time_features': 16})
-    with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; it '
+    with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; '
+                                              r'value_decays: config 8 vs checkpoint 0; it '
                                               r'was trained with an older time encoding: set '
-                                              r'model.order_bias: false to run it'):
+                                              r'model.order_bias: false, model.value_decays: 0 '
+                                              r'to run it'):
         load_checkpoint(path, with_code)
+
+
+def test_order_format_against_the_default_config_says_why(
+        order_format: tuple[Path, MalmmModel]) -> None:
+    path, _ = order_format
+    with pytest.raises(CheckpointError, match=r'value_decays: config 8 vs checkpoint 0; it was '
+                                              r'trained with an older time encoding: set '
+                                              r'model.value_decays: 0 to run it'):
+        load_checkpoint(path, CONFIG)

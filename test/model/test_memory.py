@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from malmm_ros.errors import ConfigError
-from malmm_ros.model.memory import MemoryBank, MemorySpec, StreamMemory
+from malmm_ros.model.memory import Decays, MemoryBank, MemorySpec, StreamMemory
 from support.mbc_reference import memory_bank_compress
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -478,3 +478,144 @@ def test_age_ranks_follow_each_positions_temporal_order(capacity: int | None, po
             differs |= bool((ranks != ranks[..., :1]).any())
         bank.commit()
     assert differs == (capacity is not None and policy == 'mbc')
+
+
+# -- decay field ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('capacity,policy,groups', [(4, 'mbc', 1), (3, 'mbc', 2), (3, 'fifo', 1),
+                                                     (None, 'mbc', 1)])
+def test_decay_field_is_each_slots_mean_decay_over_its_frames(capacity: int | None, policy: str,
+                                                              groups: int) -> None:
+    """A one-hot field per frame, merged like everything else, says which frames (with weight
+    1 / count) each slot holds; the decay field must equal those weights times each frame's
+    exp(-age / tau), at every step, whatever merged."""
+    frames, rates = 40, (3.0, 0.2, 1e-3)
+    bank = MemoryBank(capacity, {'who': frames}, groups=groups, policy=policy,
+                      decay_rates=rates)
+    assert bank.fields == {'who': frames, 'decay': len(rates)}
+    streams = [frame_stream(frames, 2, 3, 4, seed=21 + group) for group in range(groups)]
+    times = (torch.rand(frames, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64) * 4).cumsum(0) + 100.0
+    for t in range(frames):
+        now = times[t].item()
+        bank.open_slot(now, streams[0][t])
+        who = torch.zeros(groups * 2, 3, frames, dtype=torch.float64)
+        who[..., t] = 1.0
+        for group in range(groups):
+            rows = slice(2 * group, 2 * group + 2)
+            bank.write('tokens', streams[group][t], group if groups > 1 else None)
+            bank.write('who', who[rows], group if groups > 1 else None)
+        frame_decay = torch.exp(-(now - times).clamp(min=0)[:, None]
+                                * torch.tensor(rates, dtype=torch.float64))  # (frames, F)
+        frame_decay[t + 1:] = 0.0  # not seen yet
+        expected = bank.view('who') @ frame_decay
+        torch.testing.assert_close(bank.decays(), expected, rtol=1e-10, atol=1e-13)
+        bank.commit()
+    assert bank.compressions == (0 if capacity is None else frames - capacity)
+
+
+def test_decay_field_ignores_clock_jitter_and_restarts_after_reset() -> None:
+    bank = MemoryBank(None, decay_rates=(1.0,))
+    tokens = frame_stream(6, 1, 2, 3, seed=5)
+    # 10 -> 12: two seconds; back to 11.5 (jitter): no time passes; 11.5 -> 13: one second
+    # from the newest stamp seen (12), not 1.5 from the jittered one.
+    for i, now in enumerate((10.0, 12.0, 11.5, 13.0)):
+        bank.append(tokens[i], now)
+    torch.testing.assert_close((bank.ordered('decay') * bank.decay_scale())[0, :, 0, 0],
+                               torch.tensor([math.exp(-3), math.exp(-1), math.exp(-1), 1.0],
+                                            dtype=torch.float64), rtol=1e-12, atol=0)
+    bank.reset()
+    bank.append(tokens[4], 500.0)
+    bank.append(tokens[5], 501.0)
+    torch.testing.assert_close(bank.decays()[0, :, 0, 0],
+                               torch.tensor([math.exp(-1), 1.0], dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize('rates,match', [((0.0,), 'finite and > 0'), ((-1.0,), 'finite and > 0'),
+                                         ((math.inf,), 'finite and > 0'),
+                                         ((math.nan,), 'finite and > 0')])
+def test_bad_decay_rates_are_refused(rates: tuple[float, ...], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MemoryBank(4, decay_rates=rates)
+
+
+def test_decay_is_a_reserved_field_name() -> None:
+    with pytest.raises(ValueError, match="'decay' is reserved"):
+        MemoryBank(4, {'decay': 2}, decay_rates=(1.0,))
+
+
+def test_stream_memory_keeps_decays_without_cached_projections() -> None:
+    decays = Decays((1.0, 0.1), {'v': 2})
+    cached = StreamMemory(2, MemorySpec(4), visual_fields={'k': 3, 'v': 6},
+                          query_fields={'k': 3}, visual_decays=decays)
+    assert cached.visual.fields == {'k': 3, 'v': 6} and cached.visual.decay_fields == {'v': 2}
+    assert cached.query_bank.decay_fields == {} and not cached.query_bank.decay_rates
+    bare = StreamMemory(2, MemorySpec(4, cache_projections=False), visual_fields={'k': 3, 'v': 6},
+                        query_fields={'k': 3}, visual_decays=decays)
+    assert bare.visual.fields == {'decay': 2} and bare.visual.decay_fields == {'decay': 1}
+    assert bare.query_bank.fields == {}
+
+
+def test_decays_held_in_each_part_of_a_field_equal_a_field_of_their_own() -> None:
+    """Cached values carry the decays after each head's channels (parts); aged and merged in
+    place there, they equal the decays of a bank that keeps them apart, in every part."""
+    rates = (2.0, 0.05)
+    apart = MemoryBank(3, decay_rates=rates)
+    inside = MemoryBank(3, {'v': 3 * (4 + 2)}, decay_rates=rates, decay_fields={'v': 3})
+    assert inside.fields == {'v': 18} and 'decay' not in inside.fields
+    tokens = frame_stream(25, 2, 3, 5, seed=8)
+    values = torch.randn(25, 2, 3, 3 * 4, dtype=torch.float64)  # written without the decays
+    for t in range(25):
+        now = 0.7 * t + (0.3 if t % 4 == 0 else 0.0)
+        apart.append(tokens[t], now)
+        inside.append(tokens[t], now, {'v': values[t]})
+        assert torch.equal(inside.decays(), apart.decays())
+        parts = inside.view('v').unflatten(-1, (3, 6))
+        every_part = inside.decays().unsqueeze(-2).expand(-1, -1, -1, 3, -1)
+        assert torch.equal(parts[..., -2:] * inside.decay_scale(), every_part)
+    assert apart.compressions == inside.compressions == 22
+    # The value channels hold exactly what was written, merged with the tokens' weights: the
+    # same as a bank that stores the values as a plain field.
+    plain = MemoryBank(3, {'v': 12})
+    for t in range(25):
+        plain.append(tokens[t], 0.7 * t, {'v': values[t]})
+    stored = inside.ordered('v').unflatten(-1, (3, 6))[..., :4].flatten(-2)
+    torch.testing.assert_close(stored, plain.ordered('v'), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('fields,decay_fields,match', [
+    ({'v': 5}, {'v': 2}, "cannot hold 2 part"),  # 5 channels do not split in two
+    ({'v': 6}, {'v': 3}, "cannot hold 3 part"),  # parts of 2 cannot hold 3 decays
+    ({}, {'v': 1}, "cannot hold 1 part"),  # no such field
+])
+def test_decay_fields_that_cannot_hold_the_decays_are_refused(fields: dict[str, int],
+                                                               decay_fields: dict[str, int],
+                                                               match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MemoryBank(4, fields, decay_rates=(1.0, 0.5, 0.1), decay_fields=decay_fields)
+    with pytest.raises(ValueError, match='decay_fields without decay_rates'):
+        MemoryBank(4, {'v': 6}, decay_fields={'v': 1})
+
+
+def test_decays_stay_exact_in_float32_with_the_clock_a_day_in() -> None:
+    """Stored decays are relative to a reference time that moves on (rescaled in place every
+    8 s here); 90 frames a day into the clock, in float32, must still give exp(-age / tau) at
+    every scale, finite."""
+    rates = (2.0, 0.1, 1 / 2000)
+    bank = MemoryBank(3, {'v': 2 * (1 + 3)}, policy='fifo', decay_rates=rates,
+                      decay_fields={'v': 2})
+    frame = torch.ones(1, 2, 4)
+    value = torch.zeros(1, 2, 2)
+    for t in range(86_400 - 50, 86_400):  # the clock starts late: nothing depends on it
+        bank.append(frame + t % 7, float(t), {'v': value})
+    for t in range(86_400, 86_400 + 40):
+        bank.append(frame, float(t), {'v': value})
+    ages = torch.tensor([2.0, 1.0, 0.0]).view(1, 3, 1, 1)  # FIFO keeps the newest three
+    expected = torch.exp(-ages * torch.tensor(rates))
+    stored = bank.ordered('v').unflatten(-1, (2, 4))[..., -3:]
+    assert torch.isfinite(stored).all() and stored.abs().max() < math.exp(17)
+    for part in range(2):
+        torch.testing.assert_close(stored[..., part, :] * bank.decay_scale(),
+                                   expected.expand(1, 3, 2, 3).float(), rtol=1e-5, atol=1e-30)

@@ -39,9 +39,10 @@ def ref_cosine(u: np.ndarray, v: np.ndarray) -> float:
     return dot / (norm_u * norm_v)
 
 
-def ref_compress(tokens: np.ndarray, counts: np.ndarray,
-                 times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One MBC step by loops over (b, n): tokens [B,T,N,C], counts and times [B,T,N].
+def ref_compress(tokens: np.ndarray, counts: np.ndarray, times: np.ndarray,
+                 members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One MBC step by loops over (b, n): tokens [B,T,N,C], counts and times [B,T,N], members
+    [B,T,N,K] (each slot's share of every frame seen: 1 / count for the frames it holds).
 
     Similarities within TIE of the best are ties (exact-arithmetic semantics): the first wins.
     """
@@ -49,6 +50,7 @@ def ref_compress(tokens: np.ndarray, counts: np.ndarray,
     out_tokens = np.zeros((batch, slots - 1, positions, width))
     out_counts = np.zeros((batch, slots - 1, positions))
     out_times = np.zeros((batch, slots - 1, positions))
+    out_members = np.zeros((batch, slots - 1, positions, members.shape[-1]))
     for b in range(batch):
         for n in range(positions):
             sims = [ref_cosine(tokens[b, t, n], tokens[b, t + 1, n]) for t in range(slots - 1)]
@@ -64,44 +66,65 @@ def ref_compress(tokens: np.ndarray, counts: np.ndarray,
                     out_counts[b, new, n] = total
                     out_times[b, new, n] = (c_k * times[b, k, n]
                                             + c_next * times[b, k + 1, n]) / total
+                    out_members[b, new, n] = (c_k * members[b, k, n]
+                                              + c_next * members[b, k + 1, n]) / total
                 else:
                     out_tokens[b, new, n] = tokens[b, old, n]
                     out_counts[b, new, n] = counts[b, old, n]
                     out_times[b, new, n] = times[b, old, n]
-    return out_tokens, out_counts, out_times
+                    out_members[b, new, n] = members[b, old, n]
+    return out_tokens, out_counts, out_times, out_members
 
 
 class RefBank:
-    """Raw stored slots (oldest first) with counts and count-weighted mean times."""
+    """Raw stored slots (oldest first) with counts, count-weighted mean times and which frames
+    each slot holds (for the decays: a merged slot's is the mean of its frames')."""
+
+    MAX_FRAMES = 64
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
         self.tokens: np.ndarray | None = None
         self.counts: np.ndarray | None = None
         self.times: np.ndarray | None = None
+        self.members: np.ndarray | None = None  # [B, T, N, MAX_FRAMES]
+        self.stamps: list[float] = []  # time of every frame pushed
 
-    def context(self, current: torch.Tensor, now_s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values source [B, S, N, C] = stored slots then the current frame, with ages."""
+    def context(self, current: torch.Tensor, now_s: float, taus: np.ndarray
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys/values source [B, S, N, C] = stored slots then the current frame, with ages and
+        decays [B, S, N, len(taus)]: each slot's mean over its frames of exp(-age / tau)."""
+        decay = np.exp(-(now_s - np.array([*self.stamps, now_s]))[:, None] / taus)  # (K+1, F)
         current = current.detach()
         zero = torch.zeros(current.shape[:2], dtype=torch.float64)[:, None]
+        now = np.zeros((*current.shape[:2], len(self.stamps) + 1))
+        now[..., -1] = 1.0
         if self.tokens is None:
-            return current[:, None], zero
+            return current[:, None], zero, torch.from_numpy(now[:, None] @ decay)
         tokens = torch.cat([torch.from_numpy(self.tokens), current[:, None]], dim=1)
         ages = torch.cat([now_s - torch.from_numpy(self.times), zero], dim=1)
-        return tokens, ages
+        held = self.members[..., :len(self.stamps)]
+        members = np.concatenate([np.concatenate([held, np.zeros((*held.shape[:3], 1))], -1),
+                                  now[:, None]], axis=1)
+        return tokens, ages, torch.from_numpy(members @ decay)
 
     def push(self, current: torch.Tensor, now_s: float) -> None:
         new = current.detach().numpy()[:, None]
         ones = np.ones(new.shape[:3])
+        member = np.zeros((*new.shape[:3], self.MAX_FRAMES))
+        member[..., len(self.stamps)] = 1.0
+        self.stamps.append(now_s)
         if self.tokens is None:
             self.tokens, self.counts, self.times = new, ones, ones * now_s
+            self.members = member
         else:
             self.tokens = np.concatenate([self.tokens, new], axis=1)
             self.counts = np.concatenate([self.counts, ones], axis=1)
             self.times = np.concatenate([self.times, ones * now_s], axis=1)
+            self.members = np.concatenate([self.members, member], axis=1)
         if self.capacity is not None and self.tokens.shape[1] > self.capacity:
-            self.tokens, self.counts, self.times = ref_compress(self.tokens, self.counts,
-                                                                self.times)
+            self.tokens, self.counts, self.times, self.members = ref_compress(
+                self.tokens, self.counts, self.times, self.members)
 
 
 # -- reference Q-Former -----------------------------------------------------------------------
@@ -130,8 +153,8 @@ def ref_age_code(ages: np.ndarray, features: int) -> np.ndarray:
 
 
 def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tensor,
-                  ages: torch.Tensor, config: ModelConfig, capacity: int | None
-                  ) -> torch.Tensor:
+                  ages: torch.Tensor, decays: torch.Tensor, config: ModelConfig,
+                  capacity: int | None) -> torch.Tensor:
     """Post-norm residual multi-head attention of hidden [B,Q,D] over source [B,S,N,C], whose
     slots are oldest first at every position (the reference banks keep that order)."""
     batch, num_q, width = hidden.shape
@@ -160,7 +183,11 @@ def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tens
     scores = scores - scores.amax(-1, keepdim=True)
     weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
     context = (weights @ v).permute(0, 2, 1, 3).reshape(batch, num_q, width)
-    return ref_layer_norm(att.norm, hidden + ref_linear(att.output, context))
+    out = hidden + ref_linear(att.output, context)
+    if att.decay_out is not None:  # each head's attention-weighted decays, projected
+        timing = weights @ decays.reshape(batch, 1, -1, config.value_decays)  # (B, h, Q, F)
+        out = out + timing.permute(0, 2, 1, 3).reshape(batch, num_q, -1) @ att.decay_out.weight.T
+    return ref_layer_norm(att.norm, out)
 
 
 class RefQFormer:
@@ -178,15 +205,18 @@ class RefQFormer:
         hidden = ref_layer_norm(self.q.embed_norm,
                                 self.q.query_tokens.expand(visual.shape[0], -1, -1))
         inputs = []
+        # tau geometric from 0.5 s to 2,000 s (one decay: their geometric mean)
+        taus = (np.geomspace(0.5, 2000.0, config.value_decays) if config.value_decays != 1
+                else np.array([math.sqrt(1000.0)]))
         for i, layer in enumerate(self.q.layers):
             inputs.append(hidden)
-            source, ages = self.queries[i].context(hidden, now_s)
-            hidden = ref_attention(layer.self_attention, hidden, source, ages, config,
+            source, ages, decays = self.queries[i].context(hidden, now_s, taus)
+            hidden = ref_attention(layer.self_attention, hidden, source, ages, decays, config,
                                    self.capacity)
             if i % config.cross_attention_every == 0:
-                source, ages = self.visual.context(visual, now_s)
-                hidden = ref_attention(layer.cross_attention, hidden, source, ages, config,
-                                       self.capacity)
+                source, ages, decays = self.visual.context(visual, now_s, taus)
+                hidden = ref_attention(layer.cross_attention, hidden, source, ages, decays,
+                                       config, self.capacity)
             ff = layer.feed_forward
             inner = ref_linear(ff.dense_in, hidden)
             inner = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))
@@ -237,6 +267,9 @@ def irregular_times(count: int, seed: int) -> list[float]:
     (None, 25, {'num_layers': 2}),
     (4, 40, {'time_features': 16}),  # the optional age code
     (4, 30, {'order_bias': False}),  # as checkpoints from before the order bias
+    (4, 40, {'value_decays': 8}),  # decays beside the values
+    (None, 20, {'value_decays': 3, 'num_layers': 2}),
+    (2, 20, {'value_decays': 1, 'num_layers': 1}),
 ])
 def test_step_matches_reference(cache: bool, capacity: int | None, steps: int,
                                 overrides: dict[str, int]) -> None:
@@ -279,9 +312,9 @@ def test_layer0_query_bank_follows_first_pair_on_ties() -> None:
     assert ref.queries[0].counts[0].T.tolist() == [[17.0, 1.0, 1.0, 1.0]] * 8
 
 
-@pytest.mark.parametrize('time_features', [0, 16])
-def test_cached_and_recomputed_projections_agree_over_a_long_stream(time_features: int) -> None:
-    q = build(seed=4, time_features=time_features)
+@pytest.mark.parametrize('time', [{}, {'time_features': 16}, {'value_decays': 8}])
+def test_cached_and_recomputed_projections_agree_over_a_long_stream(time: dict) -> None:
+    q = build(seed=4, **time)
     cached = q.new_memory(MemorySpec(10))
     recompute = q.new_memory(MemorySpec(10, cache_projections=False))
     xs = frames(200, seed=5)
@@ -294,20 +327,28 @@ def test_cached_and_recomputed_projections_agree_over_a_long_stream(time_feature
             worst = max(worst, (a - b).abs().max().item())
     assert worst < 1e-11
     assert cached.visual.compressions == recompute.visual.compressions == 190
-    # The cache stays exact: stored projections equal the projections of the merged tokens.
+    # The cache stays exact: stored projections equal the projections of the merged tokens
+    # (each head's channels; with decays, keys carry F zeros after each head's and values the
+    # bank's decays).
     with torch.no_grad():
-        for layer in q.layers:
-            if layer.cross_attention is not None:
-                att, bank = layer.cross_attention, cached.visual
-                for name, proj in (('k', att.key), ('v', att.value)):
-                    stored = bank.ordered(f'{att.cache_key}.{name}')
-                    torch.testing.assert_close(stored, proj(bank.tokens), rtol=0, atol=1e-12)
-        for layer, bank in zip(q.layers, cached.queries, strict=True):
-            att = layer.self_attention
-            torch.testing.assert_close(bank.ordered('self.k'), att.key(bank.tokens), rtol=0,
-                                       atol=1e-12)
-            torch.testing.assert_close(bank.ordered('self.v'), att.value(bank.tokens), rtol=0,
-                                       atol=1e-12)
+        attentions = [(layer.cross_attention, cached.visual) for layer in q.layers
+                      if layer.cross_attention is not None]
+        attentions += [(layer.self_attention, bank)
+                       for layer, bank in zip(q.layers, cached.queries, strict=True)]
+        for att, bank in attentions:
+            heads, extra = att.num_heads, att.num_decays
+            for name, proj in (('k', att.key), ('v', att.value)):
+                stored = bank.ordered(f'{att.cache_key}.{name}').unflatten(-1, (heads, -1))
+                expected = proj(bank.tokens).unflatten(-1, (heads, -1))
+                torch.testing.assert_close(stored[..., :stored.shape[-1] - extra], expected,
+                                           rtol=0, atol=1e-12)
+                if extra and name == 'k':
+                    assert not stored[..., -extra:].any()
+                elif extra:
+                    decays = bank.ordered('decay') if bank.has('decay') else None
+                    assert decays is None  # they live in the value field, one copy per head
+                    assert torch.equal(stored[..., -extra:],
+                                       stored[..., :1, -extra:].expand_as(stored[..., -extra:]))
 
 
 def test_outputs_depend_on_ages_not_absolute_time() -> None:
@@ -482,11 +523,22 @@ def test_new_memory_layout() -> None:
     memory = q.new_memory(MemorySpec(6))
     assert memory.spec.capacity == 6
     assert len(memory.queries) == 3
-    assert memory.visual.fields == {'cross0.k': 32, 'cross0.v': 32, 'cross2.k': 32,
-                                    'cross2.v': 32}
+    # 4 heads of 8 channels, each with 8 more: zeros after the keys, decays after the values.
+    assert memory.visual.fields == {'cross0.k': 64, 'cross0.v': 64, 'cross2.k': 64,
+                                    'cross2.v': 64}
+    assert memory.visual.decay_fields == {'cross0.v': 4, 'cross2.v': 4}
+    # The query banks' self-attention reads no decays.
     assert all(bank.fields == {'self.k': 32, 'self.v': 32} for bank in memory.queries)
+    assert memory.query_bank.decay_fields == {}
+    # Without cached projections the visual bank still carries the decays, in a field of
+    # their own (bank state, not a cache).
     bare = q.new_memory(MemorySpec(None, cache_projections=False))
-    assert bare.visual.fields == {} and bare.spec.capacity is None
+    assert bare.visual.fields == {'decay': 8} and bare.spec.capacity is None
+    assert bare.query_bank.fields == {}
+    no_decays = build(seed=21, value_decays=0).new_memory(MemorySpec(6))
+    assert no_decays.visual.fields == {'cross0.k': 32, 'cross0.v': 32, 'cross2.k': 32,
+                                       'cross2.v': 32}
+    assert no_decays.visual.decay_fields == {}
 
 
 def test_blip2_preset_geometry() -> None:

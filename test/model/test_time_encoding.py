@@ -15,6 +15,7 @@ from malmm_ros.model.time_encoding import (
     RelativeTimeBias,
     age_buckets,
     age_features,
+    decay_rates,
     order_places,
 )
 
@@ -232,3 +233,17 @@ def test_order_bias_tells_two_old_neighbours_apart_where_age_buckets_do_not() ->
     places = order_places(torch.tensor([[13, 17]]), 20, torch.float32)
     out = OrderBias(2)(places)[0, :, 0]  # (heads, 2)
     assert out[1, 1] - out[1, 0] > 1.0 and out[0, 1] - out[0, 0] < -1.0
+
+
+@pytest.mark.parametrize('count', [2, 3, 8, 16])
+def test_decay_rates_span_half_a_second_to_2000_s_geometrically(count: int) -> None:
+    taus = [1.0 / rate for rate in decay_rates(count)]
+    assert len(taus) == count
+    assert taus[0] == pytest.approx(0.5, rel=1e-12) and taus[-1] == pytest.approx(2000.0,
+                                                                                  rel=1e-12)
+    ratios = [b / a for a, b in zip(taus[:-1], taus[1:], strict=True)]
+    assert ratios == pytest.approx([4000.0 ** (1 / (count - 1))] * (count - 1), rel=1e-12)
+
+
+def test_one_decay_rate_is_the_middle_timescale() -> None:
+    assert decay_rates(1) == pytest.approx((1 / math.sqrt(1000.0),), rel=1e-12)
