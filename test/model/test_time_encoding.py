@@ -247,3 +247,21 @@ def test_decay_rates_span_half_a_second_to_2000_s_geometrically(count: int) -> N
 
 def test_one_decay_rate_is_the_middle_timescale() -> None:
     assert decay_rates(1) == pytest.approx((1 / math.sqrt(1000.0),), rel=1e-12)
+
+
+def test_bucket_and_order_biases_fuse_into_one_contiguous_bias() -> None:
+    """from_buckets(buckets, order, places) is the two biases added, laid out [B, h, 1, S] with
+    the tokens contiguous (the attention kernel copies it over the queries)."""
+    gen = torch.Generator().manual_seed(3)
+    time_bias, order = RelativeTimeBias(4, 16, 600.0), OrderBias(4)
+    with torch.no_grad():
+        time_bias.table.normal_(generator=gen)
+        order.slope.normal_(generator=gen)
+    buckets = torch.randint(0, 16, (2, 30), generator=gen)
+    places = torch.rand(2, 30, generator=gen)
+    fused = time_bias.from_buckets(buckets, order, places)
+    expected = time_bias.table[buckets].permute(0, 2, 1).unsqueeze(2) + order(places)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-6)
+    assert fused.shape == (2, 4, 1, 30) and fused.stride(-1) == 1
+    assert torch.equal(time_bias.from_buckets(buckets),
+                       time_bias.table[buckets].permute(0, 2, 1).unsqueeze(2))
