@@ -423,30 +423,19 @@ def order_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmM
     return _older_format(tmp_path_factory.mktemp('order'), {'value_decays': 0})
 
 
-def test_old_format_loads_with_the_bias_only(old_format: tuple[Path, MalmmModel]) -> None:
-    path, model = old_format
+@pytest.mark.parametrize('fixture,ran_with', [
+    ('old_format', {'time_features': 0, 'order_bias': False, 'value_decays': 0}),
+    ('age_code_format', {'time_features': 16, 'order_bias': False, 'value_decays': 0}),
+    ('order_format', {'time_features': 0, 'order_bias': True, 'value_decays': 0}),
+])
+def test_older_formats_load_as_they_ran(fixture: str, ran_with: dict[str, Any],
+                                        request: pytest.FixtureRequest) -> None:
+    """Each older format loads with the settings it ran with and gives the same outputs."""
+    path, model = request.getfixturevalue(fixture)
     loaded = load_checkpoint(path)
-    assert loaded.config.time_features == 0 and loaded.config.order_bias is False
-    assert loaded.config.value_decays == 0
-    for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-
-
-def test_age_code_format_loads_without_the_order_bias(
-        age_code_format: tuple[Path, MalmmModel]) -> None:
-    path, model = age_code_format
-    loaded = load_checkpoint(path)
-    assert loaded.config.time_features == 16 and loaded.config.order_bias is False
-    for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-
-
-def test_order_format_loads_without_the_value_decays(
-        order_format: tuple[Path, MalmmModel]) -> None:
-    path, model = order_format
-    loaded = load_checkpoint(path)
-    assert loaded.config.order_bias is True and loaded.config.value_decays == 0
-    assert all(layer.self_attention.decay_out is None for layer in loaded.qformer.layers)
+    assert {name: getattr(loaded.config, name) for name in ran_with} == ran_with
+    assert all(layer.cross_attention.decay_out is None for layer in loaded.qformer.layers
+               if layer.cross_attention is not None)
     for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
