@@ -89,7 +89,9 @@ class MemoryAttention(nn.Module):
         stored frame's from there, so stored frames are never projected again. `buckets`
         [B, S*N] are the age buckets of the bank's slots, `ages` [B, S*N, F] their age code and
         `places` [B, S*N] their places in the temporal order (all computed once per bank and
-        step); the age and order terms are added here, never cached.
+        step); the age and order terms are added here, never cached. With decays (the
+        cross-attention), each head's values carry the tokens' decays after its channels, so
+        the head returns their attention-weighted mean beside its context.
         """
         batch, num_q, width = hidden.shape
         heads, head_dim = self.num_heads, width // self.num_heads
