@@ -224,8 +224,8 @@ class MemoryBank:
                 for decay in self._decay_views(self._data):
                     decay.mul_(shift)
                 self._decay_ref = time_s
-        fresh = self._exp(self._last_time - self._decay_ref, self._data)
         if 'decay' in self.decay_fields:  # a field of its own: nobody else writes it
+            fresh = self._exp(self._last_time - self._decay_ref, self._data)
             decay = self._data[..., self._slice('decay')]
             decay.scatter_(1, _expand(slot, (*slot.shape, decay.shape[-1])),
                            fresh.expand(*slot.shape, -1))
@@ -257,13 +257,14 @@ class MemoryBank:
             raise RuntimeError('write() before add_frame() / open_slot()')
         rows = self._rows(group)
         target = self._data[rows, :, :, self._slice(name)]
+        value = value.detach()
         if name in self.decay_fields:  # the value's parts, each followed by the new decays
             parts = self.decay_fields[name]
-            value = value.detach().reshape(*value.shape[:-1], parts, -1)
+            value = value.reshape(*value.shape[:-1], parts, -1)
             fresh = self._exp(self._last_time - self._decay_ref, target)
             value = torch.cat([value.to(target.dtype),
                                fresh.expand(*value.shape[:-1], -1)], dim=-1).flatten(-2)
-        value = value.detach().unsqueeze(1)  # (B, 1, N, W)
+        value = value.unsqueeze(1)  # (B, 1, N, W)
         target.scatter_(1, _expand(self._newest[rows], value.shape), value.to(target.dtype))
 
     def add_frame(self, tokens: torch.Tensor, time_s: float) -> None:

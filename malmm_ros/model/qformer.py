@@ -45,10 +45,9 @@ class BankLayout:
 
     fields: dict[str, int] = field(default_factory=dict)
     decay_fields: dict[str, int] = field(default_factory=dict)
-    needs_decays: bool = False
 
     def decays(self, rates: tuple[float, ...]) -> Decays | None:
-        return Decays(rates, self.decay_fields) if self.needs_decays and rates else None
+        return Decays(rates, self.decay_fields) if self.decay_fields and rates else None
 
 
 class MemoryAttention(nn.Module):
@@ -99,12 +98,13 @@ class MemoryAttention(nn.Module):
         key_name, value_name = f'{self.cache_key}.k', f'{self.cache_key}.v'
         query_proj, key_proj, output_proj = self._weights()  # (weight, bias) each
         cached = bank.has(key_name)
+        from_cache = cached and not torch.is_grad_enabled()
         if cached:
             key_now = F.linear(current, *key_proj)  # (B, N, heads * per_head)
             value_now = self.value(current)  # (B, N, D)
             bank.write(key_name, key_now, group)
             bank.write(value_name, value_now, group)  # the bank keeps the decays beside it
-        if cached and not torch.is_grad_enabled():
+        if from_cache:
             # The bank keeps both as the attention reads them; values carry each token's
             # decays after each head's channels, aged in place by the bank.
             k = bank.view(key_name, group).reshape(batch, -1, heads, per_head)
@@ -131,7 +131,7 @@ class MemoryAttention(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                              v.transpose(1, 2), attn_mask=bias,
                                              scale=head_dim ** -0.5)  # (B, h, Q, hd [+ F])
-        if self.num_decays and cached and not torch.is_grad_enabled():
+        if self.num_decays and from_cache:
             # The cache holds decays relative to the bank's reference time; every token ages by
             # the same factor, so it applies to the attention-weighted sums as well.
             out[..., head_dim:] *= bank.decay_scale()
@@ -146,7 +146,6 @@ class MemoryAttention(nn.Module):
         layout of the bank it reads."""
         width = self.query.out_features + self.num_heads * self.num_decays
         layout.fields.update({f'{self.cache_key}.k': width, f'{self.cache_key}.v': width})
-        layout.needs_decays |= bool(self.num_decays)
         if self.num_decays:
             layout.decay_fields[f'{self.cache_key}.v'] = self.num_heads
 

@@ -120,9 +120,10 @@ def _rates(num_features: int, device: torch.device, dtype: torch.dtype) -> torch
     """
     lo, hi = math.log10(MIN_PERIOD_S), math.log10(MAX_PERIOD_S)
     with torch.inference_mode(False):
-        taus = torch.logspace(lo, hi, num_features // 2, dtype=torch.float64, device=device)
+        # F/2 >= 2 decays (F is a multiple of 4): the value decays' timescales.
+        rates = torch.tensor(decay_rates(num_features // 2), dtype=torch.float64, device=device)
         periods = torch.logspace(lo, hi, num_features // 4, dtype=torch.float64, device=device)
-        return torch.cat([-1.0 / taus, 2 * math.pi / periods]).to(dtype)
+        return torch.cat([-rates, 2 * math.pi / periods]).to(dtype)
 
 
 def decay_rates(num_decays: int) -> tuple[float, ...]:
