@@ -65,6 +65,8 @@ TARGET_TIME_COST = 1.10  # issue 12: a step may grow by at most 10 %
 # default; every ratio is to the last, the model before issue 12 (age-bucket bias only).
 TIME_VARIANTS = {
     'order bias + value decays (default)': {},
+    'order bias + value decays after the values (decay_channels extra)': {
+        'decay_channels': 'extra'},
     'order bias only (value_decays 0)': {'value_decays': 0},
     'order bias + age code (time_features 16, value_decays 0)': {'time_features': 16,
                                                                  'value_decays': 0},

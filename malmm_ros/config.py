@@ -51,13 +51,19 @@ class ModelConfig:
     value_decays: int = spec(8, 'decay timescales each visual-bank token carries beside its '
                              'value (exp(-age / tau), tau 0.5-2,000 s; 0: off, as checkpoints '
                              'before it)', 0, 64)
+    decay_channels: str = spec(
+        'shared', "where each cross-attention head keeps the value decays: 'shared' uses the "
+        "last value_decays of its value channels (no extra attention width); 'extra' adds "
+        "them after its channels (keeps every value channel, for pretrained BLIP-2 weights)",
+        choices=('shared', 'extra'))
     recompute_projections: bool = spec(
         False, 'recompute bank key/value projections every step (slow; for comparison)')
 
     # Fields that describe weights; the rest are run-time switches.
     ARCHITECTURE = ('num_layers', 'hidden_size', 'num_heads', 'intermediate_size',
                     'num_queries', 'encoder_width', 'cross_attention_every', 'time_buckets',
-                    'max_age_s', 'time_features', 'order_bias', 'value_decays')
+                    'max_age_s', 'time_features', 'order_bias', 'value_decays',
+                    'decay_channels')
 
     def __post_init__(self) -> None:
         validate_fields(self, 'model')
@@ -66,6 +72,13 @@ class ModelConfig:
                 f'model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads '
                 f'({self.num_heads})'
             )
+        head_dim = self.hidden_size // self.num_heads
+        if self.value_decays and self.decay_channels == 'shared' \
+                and self.value_decays >= head_dim:
+            raise ConfigError(
+                f'model.value_decays ({self.value_decays}) must be below the head width '
+                f'({head_dim}) with model.decay_channels: shared (they take that many of each '
+                f"head's value channels); lower it or use decay_channels: extra")
         if self.time_features % 4:
             raise ConfigError(f'model.time_features must be a multiple of 4 (decays and sin/cos '
                               f'pairs), got {self.time_features}')
@@ -88,8 +101,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     'base': {'num_layers': 4, 'hidden_size': 256, 'intermediate_size': 1024,
              'encoder_width': 256},
     # BLIP-2 / InstructBLIP Q-Former geometry (EVA-CLIP ViT-g features are 1408 wide).
+    # The decays go beside each head's values: BLIP-2's value projections keep every channel.
     'blip2': {'num_layers': 12, 'hidden_size': 768, 'num_heads': 12, 'intermediate_size': 3072,
-              'encoder_width': 1408},
+              'encoder_width': 1408, 'decay_channels': 'extra'},
 }
 
 

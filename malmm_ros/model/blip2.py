@@ -115,6 +115,10 @@ def load_blip2_qformer(qformer: MemoryQFormer, state_dict: Mapping[str, torch.Te
             details.append(f'missing {missing[:6]}{" ..." if len(missing) > 6 else ""}')
         if shapes:
             details.append(f'wrong shapes {shapes[:4]}')
+            if any('.value.' in shape for shape in shapes) and qformer.config.value_decays \
+                    and qformer.config.decay_channels == 'shared':
+                details.append('model.decay_channels: extra keeps every value channel (the '
+                               'blip2 preset sets it)')
         raise CheckpointError(f'{source} does not fit the Q-Former: ' + '; '.join(details))
     with torch.no_grad():
         for name, tensor in loaded.items():

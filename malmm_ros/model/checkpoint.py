@@ -143,8 +143,11 @@ def load_checkpoint(
     if not isinstance(stored, dict):
         raise CheckpointError(f'checkpoint {path}: metadata has no "model" section')
     # Checkpoints from before the age code, the order bias or the value decays lack those keys:
-    # they ran without.
+    # they ran without. Those with value decays but no decay_channels kept them after each
+    # head's value channels (the first layout).
     stored = {'time_features': 0, 'order_bias': False, 'value_decays': 0, **stored}
+    if 'decay_channels' not in stored and stored['value_decays']:
+        stored['decay_channels'] = 'extra'
     try:
         arch = model_preset(stored.get('preset', 'edge'),
                             **{k: v for k, v in stored.items() if k != 'preset'})
@@ -160,6 +163,8 @@ def load_checkpoint(
         dims[name] = value
     if config is not None:
         wanted, found = config.architecture(), arch.architecture()
+        if not wanted['value_decays'] and not found['value_decays']:
+            found['decay_channels'] = wanted['decay_channels']  # no decays: nothing to place
         diffs = [f'{name}: config {wanted[name]!r} vs checkpoint {found[name]!r}'
                  for name in wanted if wanted[name] != found[name]]
         if diffs:
@@ -168,6 +173,9 @@ def load_checkpoint(
             older = [f'model.{name}: {str(found[name]).lower()}'
                      for name in ('time_features', 'order_bias', 'value_decays')
                      if not found[name] and wanted[name]]
+            if found['value_decays'] and found['decay_channels'] == 'extra' \
+                    and wanted['decay_channels'] == 'shared':
+                older.append('model.decay_channels: extra')
             if older:
                 hint = ('; it was trained with an older time encoding: set '
                         + ', '.join(older) + ' to run it, or train it again')

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,7 +96,11 @@ class MemoryBank:
                 self.decay_fields = {'decay': 1}
         elif decay_fields:
             raise ValueError('decay_fields without decay_rates')
-        self._exps: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+        self._max_rate = max(self.decay_rates, default=0.0)
+        self._signed_rates = np.array(self.decay_rates + tuple(-r for r in self.decay_rates))
+        # Per length: each slot's place value, newest first, laid out like _order (age_ranks
+        # and order_places scatter it; made once per length, shape, dtype and device).
+        self._place_values: dict[tuple, torch.Tensor] = {}
         self._data: torch.Tensor | None = None  # (G*B, S, N, W) packed: tokens, then fields
         self.reset()
 
@@ -107,11 +112,15 @@ class MemoryBank:
         self._order: torch.Tensor | None = None  # (G*B, S, N): physical slot of t-th oldest
         self._sims: torch.Tensor | None = None  # (G*B, S, N): cos(order[t], order[t+1])
         self._newest: torch.Tensor | None = None  # (G*B, 1, N): physical slot of newest
+        self._newest_rows: torch.Tensor | None = None  # (G*B*N,): its rows in _flat()
+        self._row_offsets: torch.Tensor | None = None  # (G*B, N): row of slot 0 per position
         self._free: torch.Tensor | None = None  # (G*B, 1, N): physical slot for the next
         self._batch = 0
         self._token_width = 0
         self._last_time = 0.0  # newest stamp seen (the decays' clock: it never goes back)
         self._decay_ref = 0.0  # the time the stored decays are relative to
+        self._fresh: torch.Tensor | None = None  # [F] stored decays of age 0 (this step)
+        self._scale: torch.Tensor | None = None  # [F] stored -> now (decay_scale())
         self._open = False  # a slot was opened and not yet committed
         self._sims_pending = False  # the newest slot's similarity is computed at commit
         self.frames_seen = 0
@@ -159,6 +168,20 @@ class MemoryBank:
             shape).contiguous()
         self._sims = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self._free = torch.zeros(shape[0], 1, positions, dtype=torch.long, device=like.device)
+        self._set_row_offsets()
+
+    def _set_row_offsets(self) -> None:
+        """Row of slot 0 of every (row, position) in _flat(); a slot s adds s * N."""
+        assert self._data is not None
+        rows, slots, positions = self._data.shape[:3]
+        device = self._data.device
+        self._row_offsets = (torch.arange(rows, device=device).view(-1, 1) * slots * positions
+                             + torch.arange(positions, device=device).view(1, -1))
+
+    def _flat(self) -> torch.Tensor:
+        """Storage as one row per (row, slot, position): [G*B*S*N, packed] (a view)."""
+        assert self._data is not None
+        return self._data.view(-1, self._data.shape[-1])
 
     def _grow(self) -> None:
         """Double the storage of an uncompressed bank (capacity=None)."""
@@ -171,6 +194,7 @@ class MemoryBank:
         extra = torch.arange(slots, 2 * slots, device=self._order.device).view(1, -1, 1)
         self._order = torch.cat([self._order, extra.expand_as(self._order)], dim=1)
         self._sims = torch.cat([self._sims, torch.zeros_like(self._sims)], dim=1)
+        self._set_row_offsets()
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -191,8 +215,11 @@ class MemoryBank:
             raise ValueError(f'frame tokens {tuple(like.shape)} do not fit bank of '
                              f'{self._batch} x {self._data.shape[2]} x {self._token_width}')
         slot = self._free
+        # Rows of the new slot in _flat(): writes copy whole rows there (index_copy_), several
+        # times faster than a scatter over an index expanded to every channel.
+        self._newest_rows = (slot.squeeze(1) * slot.shape[-1] + self._row_offsets).flatten()
         if self.decay_rates:
-            self._start_decays(float(time_s), slot)
+            self._start_decays(float(time_s))
         self._counts.scatter_(1, slot, 1.0)
         self._times.scatter_(1, slot, float(time_s))
         self._order[:, self._len:self._len + 1] = slot
@@ -210,44 +237,44 @@ class MemoryBank:
         return [data[..., self._slice(name)].unflatten(-1, (parts, -1))[..., -count:]
                 for name, parts in self.decay_fields.items()]
 
-    def _start_decays(self, time_s: float, slot: torch.Tensor) -> None:
+    def _start_decays(self, time_s: float) -> None:
         """Advance the decays' clock to `time_s` (jitter back in time counts as no time
         passing) and give the new slot the decays of age 0 (exp(elapsed / tau) relative to the
         reference time), rescaling every stored decay first if those would pass e^16."""
         assert self._data is not None
+        data = self._data
         if self._len == 0:
             self._last_time = self._decay_ref = time_s
         elif time_s > self._last_time:  # False for jitter (and NaN)
             self._last_time = time_s
-            if (time_s - self._decay_ref) * max(self.decay_rates) > _MAX_LOG_DECAY:
-                shift = self._exp(self._decay_ref - time_s, self._data)
-                for decay in self._decay_views(self._data):
+            if (time_s - self._decay_ref) * self._max_rate > _MAX_LOG_DECAY:
+                shift = self._exps(self._decay_ref - time_s)[0]
+                for decay in self._decay_views(data):
                     decay.mul_(shift)
                 self._decay_ref = time_s
+        # exp(+elapsed / tau) is a new token's stored decay, its inverse ages what was stored
+        # to now: both once per step.
+        self._fresh, self._scale = self._exps(self._last_time - self._decay_ref)
         if 'decay' in self.decay_fields:  # a field of its own: nobody else writes it
-            fresh = self._exp(self._last_time - self._decay_ref, self._data)
-            decay = self._data[..., self._slice('decay')]
-            decay.scatter_(1, _expand(slot, (*slot.shape, decay.shape[-1])),
-                           fresh.expand(*slot.shape, -1))
+            self._flat()[:, self._slice('decay')].index_copy_(
+                0, self._newest_rows, self._fresh.expand(len(self._newest_rows), -1))
 
-    def _exp(self, elapsed: float, like: torch.Tensor) -> torch.Tensor:
-        """exp(elapsed * rate) per timescale, as `like` (the last few kept: frames usually
-        arrive on a fixed grid, so the same values recur)."""
-        key = (elapsed, like.dtype, like.device)
-        found = self._exps.get(key)
-        if found is None:
-            if len(self._exps) > 8:
-                self._exps.clear()
-            found = torch.tensor([math.exp(elapsed * rate) for rate in self.decay_rates],
-                                 dtype=like.dtype, device=like.device)
-            self._exps[key] = found
-        return found
+    def _exps(self, elapsed: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exp(elapsed * rate), exp(-elapsed * rate)) per timescale as the storage, computed
+        in numpy: one small array per step costs less than torch operators on a rates tensor
+        or torch.tensor() of a list."""
+        data = self._data
+        assert data is not None
+        both = torch.from_numpy(np.exp(self._signed_rates * elapsed))
+        both = both.to(dtype=data.dtype, device=data.device)
+        count = len(self.decay_rates)
+        return both[:count], both[count:]
 
     def decay_scale(self) -> torch.Tensor:
         """[F]: stored decays times this are the decays at the newest frame's time."""
-        if self._data is None or not self.decay_rates:
+        if self._scale is None or not self.decay_rates:
             raise RuntimeError('the bank has no decays yet')
-        return self._exp(self._decay_ref - self._last_time, self._data)
+        return self._scale
 
     def write(self, name: str, value: torch.Tensor, group: int | None = None) -> None:
         """Fill field `name` (or 'tokens') of the newest frame: value [B, N, W] for one group,
@@ -255,17 +282,21 @@ class MemoryBank:
         decays (W minus F per part): the bank keeps those."""
         if self._newest is None or self._data is None:
             raise RuntimeError('write() before add_frame() / open_slot()')
-        rows = self._rows(group)
-        target = self._data[rows, :, :, self._slice(name)]
-        value = value.detach()
+        assert self._newest_rows is not None
+        target = self._flat()[:, self._slice(name)]
+        rows = self._newest_rows
+        if group is not None:
+            self._rows(group)  # checks the group
+            count = self._batch * self._data.shape[2]
+            rows = rows[group * count:(group + 1) * count]
+        value = value.detach().reshape(len(rows), -1).to(target.dtype)
         if name in self.decay_fields:  # the value's parts, each followed by the new decays
             parts = self.decay_fields[name]
-            value = value.reshape(*value.shape[:-1], parts, -1)
-            fresh = self._exp(self._last_time - self._decay_ref, target)
-            value = torch.cat([value.to(target.dtype),
-                               fresh.expand(*value.shape[:-1], -1)], dim=-1).flatten(-2)
-        value = value.unsqueeze(1)  # (B, 1, N, W)
-        target.scatter_(1, _expand(self._newest[rows], value.shape), value.to(target.dtype))
+            value = value.view(len(rows), parts, -1)
+            assert self._fresh is not None
+            value = torch.cat([value, self._fresh.expand(len(rows), parts, -1)],
+                              dim=-1).flatten(1)
+        target.index_copy_(0, rows, value)
 
     def add_frame(self, tokens: torch.Tensor, time_s: float) -> None:
         """open_slot and write the tokens [B, N, C] (a bank of one group)."""
@@ -377,13 +408,35 @@ class MemoryBank:
         Compression merges each token position on its own, so the slots of one storage index
         can rank differently across positions (as their times differ).
         """
+        return self._scatter_places(torch.long, 1, group)
+
+    def order_places(self, dtype: torch.dtype, group: int | None = None) -> torch.Tensor:
+        """`age_ranks` as places in [0, 1], scaled by the capacity (rank / (M - 1); an
+        uncompressed bank by its own length): [B, S_used * N, 1] in `dtype`, laid out for the
+        attention bias (model/time_encoding.py `order_places` says why; this is the same
+        value in three operators, as it runs for every bank on every step)."""
+        span = (self.capacity if self.capacity is not None else self._len) - 1
+        places = self._scatter_places(dtype, max(span, 1), group)
+        return places.view(places.shape[0], -1, 1)
+
+    def _scatter_places(self, dtype: torch.dtype, span: int,
+                        group: int | None) -> torch.Tensor:
+        """Storage-order [B, S_used, N] of each slot's rank (0 newest) / span, in dtype."""
         assert self._order is not None
         order = self._order[self._rows(group), :self._len]  # physical slot of t-th oldest
-        newest_first = torch.arange(self._len - 1, -1, -1, device=order.device)
-        ranks = torch.zeros((order.shape[0], self._used(), order.shape[2]), dtype=torch.long,
-                            device=order.device)
+        key = (self._len, tuple(order.shape), dtype, order.device, span)
+        values = self._place_values.get(key)
+        if values is None:
+            if len(self._place_values) > 16:
+                self._place_values.clear()
+            newest_first = torch.arange(self._len - 1, -1, -1, device=order.device)
+            values = newest_first.to(dtype).div(span) if dtype != torch.long else newest_first
+            values = values.view(1, -1, 1).expand_as(order)
+            self._place_values[key] = values
+        places = torch.zeros((order.shape[0], self._used(), order.shape[2]), dtype=dtype,
+                             device=order.device)
         # During a step every used physical slot is in the order once: a permutation.
-        return ranks.scatter_(1, order, newest_first.view(1, -1, 1).expand_as(order))
+        return places.scatter_(1, order, values)
 
     def place_newest(self, stored: torch.Tensor, live: torch.Tensor,
                      group: int | None = None) -> torch.Tensor:

@@ -28,7 +28,6 @@ from malmm_ros.model.time_encoding import (
     age_buckets,
     age_features,
     decay_rates,
-    order_places,
 )
 
 __all__ = ['BankLayout', 'FeedForward', 'MemoryAttention', 'MemoryQFormer', 'QFormerLayer']
@@ -62,20 +61,25 @@ class MemoryAttention(nn.Module):
         width = config.hidden_size
         self.num_heads = config.num_heads
         self.cache_key = cache_key
+        # Value decays (time_encoding.py): 'shared' makes them the last F of each head's value
+        # channels, so the value projection gives F fewer per head and the output projection
+        # reads them as it reads the rest; 'extra' adds F channels after each head's (keys and
+        # queries get F zeros to match) and a projection of their own, decay_out.
+        self.num_decays = config.value_decays if decays else 0
+        self.extra_decays = bool(self.num_decays) and config.decay_channels == 'extra'
+        value_width = width - (0 if self.extra_decays else config.num_heads * self.num_decays)
         self.query = nn.Linear(width, width)
         self.key = nn.Linear(kv_width, width)
-        self.value = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, value_width)
         self.output = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width, eps=1e-12)
         self.time_bias = RelativeTimeBias(config.num_heads, config.time_buckets, config.max_age_s)
         # Age code -> [key shift ; value shift], one matmul (time_encoding.py).
-        self.age = (nn.Linear(config.time_features, 2 * width, bias=False)
+        self.age = (nn.Linear(config.time_features, width + value_width, bias=False)
                     if config.time_features else None)
         self.order_bias = OrderBias(config.num_heads) if config.order_bias else None
-        # Attention-weighted decays of each head -> the output (time_encoding.py).
-        self.num_decays = config.value_decays if decays else 0
         self.decay_out = (nn.Linear(config.num_heads * self.num_decays, width, bias=False)
-                          if self.num_decays else None)
+                          if self.extra_decays else None)
         self._cached_weights: tuple | None = None  # _weights() while inferring
 
     def forward(self, hidden: torch.Tensor, current: torch.Tensor, bank: MemoryBank,
@@ -87,14 +91,15 @@ class MemoryAttention(nn.Module):
         frame's key/value projections into the bank's cache (when it has one) and reads every
         stored frame's from there, so stored frames are never projected again. `buckets`
         [B, S*N] are the age buckets of the bank's slots, `ages` [B, S*N, F] their age code and
-        `places` [B, S*N] their places in the temporal order (all computed once per bank and
+        `places` [B, S*N, 1] their places in the temporal order (all computed once per bank and
         step); the age and order terms are added here, never cached. With decays (the
         cross-attention), each head's values carry the tokens' decays after its channels, so
         the head returns their attention-weighted mean beside its context.
         """
         batch, num_q, width = hidden.shape
         heads, head_dim = self.num_heads, width // self.num_heads
-        per_head = head_dim + self.num_decays  # keys: F zeros after each head; values: decays
+        # Extra decays: keys get F zeros after each head's channels, values the decays.
+        per_head = head_dim + self.num_decays if self.extra_decays else head_dim
         key_name, value_name = f'{self.cache_key}.k', f'{self.cache_key}.v'
         query_proj, key_proj, output_proj = self._weights()  # (weight, bias) each
         cached = bank.has(key_name)
@@ -116,35 +121,37 @@ class MemoryAttention(nn.Module):
             # autograd saved, and puts the live current frame in.
             tokens = bank.place_newest(bank.view('tokens', group), current, group)
             k = F.linear(tokens, *key_proj).reshape(batch, -1, heads, per_head)
-            v = self.value(tokens).reshape(batch, -1, heads, head_dim)
+            v = self.value(tokens).reshape(batch, -1, heads, per_head - self.num_decays)
             if self.num_decays:
                 decays = bank.decays(group).reshape(batch, -1, 1, self.num_decays)
                 v = torch.cat([v, decays.to(v.dtype).expand(-1, -1, heads, -1)], dim=-1)
         if self.age is not None:
-            key_shift, value_shift = self.age(ages).chunk(2, dim=-1)  # (B, S*N, D) each
-            k = k + self._pad_heads(key_shift).view_as(k)
-            v = v + self._pad_heads(value_shift).view_as(v)
+            key_shift, value_shift = self.age(ages).split(
+                [width, self.value.out_features], dim=-1)  # (B, S*N, D), (B, S*N, value)
+            k = k + self._pad_heads(key_shift, self.extra_decays).view_as(k)
+            v = v + self._pad_heads(value_shift, bool(self.num_decays)).view_as(v)
         # Queries get the zero channels too: one width for all three (the fused attention
         # kernel needs it), and zeros leave every logit as it was.
         q = F.linear(hidden, *query_proj).view(batch, num_q, heads, per_head)
         bias = self.time_bias.from_buckets(buckets, self.order_bias, places)  # (B, h, 1, S*N)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                              v.transpose(1, 2), attn_mask=bias,
-                                             scale=head_dim ** -0.5)  # (B, h, Q, hd [+ F])
+                                             scale=head_dim ** -0.5)  # (B, h, Q, per head)
         if self.num_decays and from_cache:
             # The cache holds decays relative to the bank's reference time; every token ages by
             # the same factor, so it applies to the attention-weighted sums as well.
-            out[..., head_dim:] *= bank.decay_scale()
-        # With decays each head returned its attention-weighted decays beside its context (the
-        # weights are linear in v); output_proj maps [context_h ; decays_h] per head: output
-        # and decay_out in one matmul.
-        out = out.transpose(1, 2).reshape(batch, num_q, -1)  # (B, Q, h * (hd [+ F]))
+            out[..., -self.num_decays:] *= bank.decay_scale()
+        # With decays each head returned its attention-weighted decays after its context (the
+        # weights are linear in v); output_proj maps [context_h ; decays_h] per head (extra
+        # decays: output and decay_out in one matmul).
+        out = out.transpose(1, 2).reshape(batch, num_q, -1)  # (B, Q, heads * per head)
         return self.norm(hidden + F.linear(out, *output_proj))
 
     def add_fields(self, layout: BankLayout) -> None:
         """Declare this layer's cached key/value fields (and where its decays live) in the
         layout of the bank it reads."""
-        width = self.query.out_features + self.num_heads * self.num_decays
+        width = self.query.out_features + (self.num_heads * self.num_decays
+                                           if self.extra_decays else 0)
         layout.fields.update({f'{self.cache_key}.k': width, f'{self.cache_key}.v': width})
         if self.num_decays:
             layout.decay_fields[f'{self.cache_key}.v'] = self.num_heads
@@ -152,8 +159,9 @@ class MemoryAttention(nn.Module):
     def _weights(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """(weight, bias) of the query and key projections with F zero outputs after each
         head's, and of the output projection over [context_h ; decays_h] per head (output and
-        decay_out interleaved). One matmul each, no pad or copy of activations. Kept while
-        the parameters stay the same and autograd is off (inference)."""
+        decay_out interleaved), for extra decays; the layers' own otherwise. One matmul each,
+        no pad or copy of activations. Kept while the parameters stay the same and autograd
+        is off (inference)."""
         params = (self.query.weight, self.query.bias, self.key.weight, self.key.bias,
                   self.output.weight, self.output.bias)
         if self.decay_out is None:
@@ -165,18 +173,18 @@ class MemoryAttention(nn.Module):
             return self._cached_weights[1]
         q_weight, q_bias, k_weight, k_bias, o_weight, o_bias, d_weight = params
         width = o_weight.shape[0]
-        weights = ((self._pad_heads(q_weight.T).T, self._pad_heads(q_bias)),
-                   (self._pad_heads(k_weight.T).T, self._pad_heads(k_bias)),
+        weights = ((self._pad_heads(q_weight.T, True).T, self._pad_heads(q_bias, True)),
+                   (self._pad_heads(k_weight.T, True).T, self._pad_heads(k_bias, True)),
                    (torch.cat([o_weight.view(width, self.num_heads, -1),
                                d_weight.view(width, self.num_heads, self.num_decays)],
                               dim=-1).view(width, -1), o_bias))
         self._cached_weights = None if grad else (stamp, weights)
         return weights
 
-    def _pad_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., D] -> [..., heads * (head_dim + F)]: F zeros after each head's channels (x as
-        it is without decays)."""
-        if not self.num_decays:
+    def _pad_heads(self, x: torch.Tensor, pad: bool) -> torch.Tensor:
+        """[..., heads * c] -> [..., heads * (c + F)]: F zeros after each head's channels (x as
+        it is without `pad`)."""
+        if not pad:
             return x
         split = x.reshape(*x.shape[:-1], self.num_heads, -1)
         return F.pad(split, (0, self.num_decays)).flatten(-2)
@@ -261,11 +269,8 @@ class MemoryQFormer(nn.Module):
         query_code = age_features(query_ages, code, hidden.dtype) if code else None
         visual_places = query_places = None
         if config.order_bias:
-            capacity = memory.spec.capacity
-            visual_places = order_places(visual_bank.age_ranks().flatten(1), capacity,
-                                         hidden.dtype)
-            query_places = order_places(query_bank.age_ranks().flatten(1), capacity,
-                                        hidden.dtype)
+            visual_places = visual_bank.order_places(hidden.dtype)  # (B, S*N, 1)
+            query_places = query_bank.order_places(hidden.dtype)
         for index, layer in enumerate(self.layers):
             query_bank.write('tokens', hidden, index)
             rows = slice(index * batch, (index + 1) * batch)

@@ -164,11 +164,14 @@ class RelativeTimeBias(nn.Module):
     def from_buckets(self, buckets: torch.Tensor, order: OrderBias | None = None,
                      places: torch.Tensor | None = None) -> torch.Tensor:
         """Precomputed buckets [B, S] -> bias [B, heads, 1, S] (buckets shared across layers),
-        plus `order`'s bias over `places` [B, S] when given: one lookup and one fused
+        plus `order`'s bias over `places` [B, S] (or [B, S, 1] in the table's dtype, as
+        `MemoryBank.order_places` gives them) when given: one lookup and one fused
         multiply-add, as this runs in every attention layer on every step."""
         bias = F.embedding(buckets, self.table)  # (B, S, h)
         if order is not None:
-            bias = torch.addcmul(bias, places.unsqueeze(-1).to(bias.dtype), order.slope)
+            if places.dim() == 2 or places.dtype != bias.dtype:
+                places = places.reshape(*places.shape[:2], 1).to(bias.dtype)
+            bias = torch.addcmul(bias, places, order.slope)
         # Tokens contiguous: the attention kernel expands the bias over the queries with a
         # copy, several times slower from a strided bias.
         return bias.transpose(1, 2).contiguous().unsqueeze(2)  # (B, h, 1, S)

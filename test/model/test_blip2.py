@@ -295,3 +295,14 @@ def test_wrong_shape(lavis, hf, qformer: MemoryQFormer, key: str, shape: tuple, 
 def test_unrelated_state_dict(qformer: MemoryQFormer) -> None:
     with pytest.raises(CheckpointError, match=r'does not fit the Q-Former: missing .*\.\.\.'):
         load_blip2_qformer(qformer, {'encoder.weight': torch.zeros(3)})
+
+
+def test_shared_decay_channels_say_how_to_keep_blip2_values(lavis) -> None:
+    """BLIP-2's value projections need every channel: with the decays inside them the shapes
+    differ, and the error says which setting keeps them."""
+    shared = MemoryQFormer(model_preset('blip2', num_layers=NUM_LAYERS, value_decays=8,
+                                        decay_channels='shared'))
+    with pytest.raises(CheckpointError, match=r'wrong shapes.*crossattention\.self\.value.*'
+                                              r'model\.decay_channels: extra keeps every value '
+                                              r'channel'):
+        load_blip2_qformer(shared, dict(lavis[0]), source='blip2.pth')

@@ -31,7 +31,7 @@ from malmm_ros.model.memory import MemorySpec
 from malmm_ros.model.text import TextProjector
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
-                     encoder_width=24)
+                     encoder_width=24, value_decays=4)  # heads of 8 channels: 4 of them decays
 LABELS = LabelMaps.placeholder(5, 7).with_actions([(0, 1), (2, 3)])
 FEATURE_DIM, NUM_TOKENS = 40, 6
 
@@ -385,7 +385,7 @@ def test_every_other_checkpoint_counts_as_trained(saved: Path, tmp_path: Path) -
 def _older_format(directory: Path, absent: dict[str, Any], **present: Any
                   ) -> tuple[Path, MalmmModel]:
     """A checkpoint as written before the keys of `absent` existed: the model ran with those
-    values (0 / False), and the header and weights have no trace of them."""
+    values (0 / False; the first decay layout), and the header has no trace of them."""
     old_config = ModelConfig(**{**CONFIG.architecture(), **absent, **present})
     torch.manual_seed(5)
     model = MalmmModel(old_config, LABELS, feature_dim=FEATURE_DIM, num_tokens=NUM_TOKENS).eval()
@@ -396,7 +396,8 @@ def _older_format(directory: Path, absent: dict[str, Any], **present: Any
     for name in absent:
         del header['model'][name]
     save_file(tensors, str(path), metadata={'malmm_ros': json.dumps(header)})
-    assert not any('.decay_out.' in name for name in tensors)
+    assert any('.decay_out.' in name for name in tensors) == (old_config.decay_channels == 'extra'
+                                                             and old_config.value_decays > 0)
     return path, model
 
 
@@ -423,10 +424,17 @@ def order_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmM
     return _older_format(tmp_path_factory.mktemp('order'), {'value_decays': 0})
 
 
+@pytest.fixture(scope='module')
+def extra_decays_format(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MalmmModel]:
+    """With the value decays after each head's value channels, before decay_channels."""
+    return _older_format(tmp_path_factory.mktemp('extra'), {'decay_channels': 'extra'})
+
+
 @pytest.mark.parametrize('fixture,ran_with', [
     ('old_format', {'time_features': 0, 'order_bias': False, 'value_decays': 0}),
     ('age_code_format', {'time_features': 16, 'order_bias': False, 'value_decays': 0}),
     ('order_format', {'time_features': 0, 'order_bias': True, 'value_decays': 0}),
+    ('extra_decays_format', {'order_bias': True, 'value_decays': 4, 'decay_channels': 'extra'}),
 ])
 def test_older_formats_load_as_they_ran(fixture: str, ran_with: dict[str, Any],
                                         request: pytest.FixtureRequest) -> None:
@@ -434,8 +442,8 @@ def test_older_formats_load_as_they_ran(fixture: str, ran_with: dict[str, Any],
     path, model = request.getfixturevalue(fixture)
     loaded = load_checkpoint(path)
     assert {name: getattr(loaded.config, name) for name in ran_with} == ran_with
-    assert all(layer.cross_attention.decay_out is None for layer in loaded.qformer.layers
-               if layer.cross_attention is not None)
+    assert all((layer.cross_attention.decay_out is None) == (fixture != 'extra_decays_format')
+               for layer in loaded.qformer.layers if layer.cross_attention is not None)
     for ours, theirs in zip(_stream_outputs(loaded), _stream_outputs(model), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
@@ -443,7 +451,7 @@ def test_older_formats_load_as_they_ran(fixture: str, ran_with: dict[str, Any],
 def test_old_format_against_a_new_config_says_why(old_format: tuple[Path, MalmmModel]) -> None:
     path, _ = old_format
     with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; '
-                                              r'value_decays: config 8 vs checkpoint 0; it '
+                                              r'value_decays: config 4 vs checkpoint 0; it '
                                               r'was trained with an older time encoding: set '
                                               r'model.order_bias: false, model.value_decays: 0 '
                                               r'to run it'):
@@ -452,7 +460,7 @@ def test_old_format_against_a_new_config_says_why(old_format: tuple[Path, MalmmM
     with_code = ModelConfig(**{**CONFIG.architecture(), 'time_features': 16})
     with pytest.raises(CheckpointError, match=r'time_features: config 16 vs checkpoint 0; '
                                               r'order_bias: config True vs checkpoint False; '
-                                              r'value_decays: config 8 vs checkpoint 0; it '
+                                              r'value_decays: config 4 vs checkpoint 0; it '
                                               r'was trained with an older time encoding: set '
                                               r'model.time_features: 0, model.order_bias: false, '
                                               r'model.value_decays: 0 to run it'):
@@ -464,7 +472,7 @@ def test_age_code_format_against_a_new_config_says_why(
     path, _ = age_code_format
     with_code = ModelConfig(**{**CONFIG.architecture(), 'time_features': 16})
     with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; '
-                                              r'value_decays: config 8 vs checkpoint 0; it '
+                                              r'value_decays: config 4 vs checkpoint 0; it '
                                               r'was trained with an older time encoding: set '
                                               r'model.order_bias: false, model.value_decays: 0 '
                                               r'to run it'):
@@ -474,7 +482,29 @@ def test_age_code_format_against_a_new_config_says_why(
 def test_order_format_against_the_default_config_says_why(
         order_format: tuple[Path, MalmmModel]) -> None:
     path, _ = order_format
-    with pytest.raises(CheckpointError, match=r'value_decays: config 8 vs checkpoint 0; it was '
+    with pytest.raises(CheckpointError, match=r'value_decays: config 4 vs checkpoint 0; it was '
                                               r'trained with an older time encoding: set '
                                               r'model.value_decays: 0 to run it'):
         load_checkpoint(path, CONFIG)
+
+
+def test_extra_decays_format_against_the_default_config_says_why(
+        extra_decays_format: tuple[Path, MalmmModel]) -> None:
+    path, _ = extra_decays_format
+    with pytest.raises(CheckpointError, match=r"decay_channels: config 'shared' vs checkpoint "
+                                              r"'extra'; it was trained with an older time "
+                                              r'encoding: set model.decay_channels: extra to '
+                                              r'run it'):
+        load_checkpoint(path, CONFIG)
+    loaded = load_checkpoint(path, ModelConfig(**{**CONFIG.architecture(),
+                                                  'decay_channels': 'extra'}))
+    assert loaded.config.decay_channels == 'extra'
+
+
+def test_without_decays_the_decay_layout_does_not_matter(
+        order_format: tuple[Path, MalmmModel]) -> None:
+    path, _ = order_format
+    for layout in ('shared', 'extra'):
+        config = ModelConfig(**{**CONFIG.architecture(), 'value_decays': 0,
+                                'decay_channels': layout})
+        assert load_checkpoint(path, config).config.decay_channels == layout

@@ -25,7 +25,7 @@ from malmm_ros.model.text import TextDescriber, TextProjector
 from malmm_ros.model.tiny_llm import write_tiny_llm
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
-                     encoder_width=24)
+                     encoder_width=24, value_decays=4)  # heads of 8 channels: 4 of them decays
 LABELS = LabelMaps.placeholder(5, 7)
 FEATURE_DIM, NUM_TOKENS = 40, 6
 PROMPT = 'What comes next?'

@@ -12,6 +12,7 @@ from torch import nn
 
 from malmm_ros.errors import ConfigError
 from malmm_ros.model.memory import Decays, MemoryBank, MemorySpec, StreamMemory
+from malmm_ros.model.time_encoding import order_places
 from support.mbc_reference import memory_bank_compress
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -476,6 +477,10 @@ def test_age_ranks_follow_each_positions_temporal_order(capacity: int | None, po
             assert torch.equal(ranks.sort(dim=1).values,
                                torch.arange(len(bank)).view(1, -1, 1).expand_as(ranks))
             differs |= bool((ranks != ranks[..., :1]).any())
+            # The attention's places: the same ranks over the capacity, laid out for the bias.
+            for dtype in (torch.float32, torch.float64):
+                expected = order_places(ranks.flatten(1), capacity, dtype).unsqueeze(-1)
+                assert torch.equal(bank.order_places(dtype, group), expected)
         bank.commit()
     assert differs == (capacity is not None and policy == 'mbc')
 

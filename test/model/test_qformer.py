@@ -21,7 +21,8 @@ from malmm_ros.model.qformer import MemoryAttention, MemoryQFormer
 from malmm_ros.model.time_encoding import age_buckets
 
 SMALL = {'num_layers': 3, 'hidden_size': 32, 'num_heads': 4, 'intermediate_size': 64,
-         'num_queries': 8, 'encoder_width': 24, 'cross_attention_every': 2}
+         'num_queries': 8, 'encoder_width': 24, 'cross_attention_every': 2,
+         'value_decays': 4}  # of each head's 8 value channels
 TOKENS = 7  # visual token positions per frame
 BATCH = 2
 TIE = 1e-12
@@ -162,14 +163,18 @@ def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tens
     head_dim = width // heads
     flat = source.reshape(batch, -1, source.shape[-1])  # (B, S*N, C)
     q = ref_linear(att.query, hidden).view(batch, num_q, heads, head_dim).permute(0, 2, 1, 3)
-    k, v = ref_linear(att.key, flat), ref_linear(att.value, flat)  # (B, S*N, D)
+    k, v = ref_linear(att.key, flat), ref_linear(att.value, flat)  # (B, S*N, D), (.., value)
     if config.time_features:  # the age code, written out: sin/cos of 2 pi age / T
         code = torch.from_numpy(ref_age_code(ages.reshape(batch, -1).numpy(),
                                              config.time_features)).to(k.dtype)
         k = k + code @ att.age.weight[:width].T
         v = v + code @ att.age.weight[width:].T
     k = k.view(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
-    v = v.view(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
+    v = v.view(batch, -1, heads, v.shape[-1] // heads).permute(0, 2, 1, 3)
+    shared = att.num_decays and config.decay_channels == 'shared'
+    if shared:  # each head's values end with the token's decays
+        per_token = decays.reshape(batch, 1, -1, config.value_decays).expand(-1, heads, -1, -1)
+        v = torch.cat([v, per_token.to(v.dtype)], dim=-1)
     buckets = age_buckets(ages.reshape(batch, -1), config.time_buckets, config.max_age_s)
     table = att.time_bias.table  # (buckets, heads)
     bias = torch.stack([table[buckets[b]].T for b in range(batch)])  # (B, heads, S*N)
@@ -184,7 +189,7 @@ def ref_attention(att: MemoryAttention, hidden: torch.Tensor, source: torch.Tens
     weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
     context = (weights @ v).permute(0, 2, 1, 3).reshape(batch, num_q, width)
     out = hidden + ref_linear(att.output, context)
-    if att.decay_out is not None:  # each head's attention-weighted decays, projected
+    if att.decay_out is not None:  # extra: each head's attention-weighted decays, projected
         timing = weights @ decays.reshape(batch, 1, -1, config.value_decays)  # (B, h, Q, F)
         out = out + timing.permute(0, 2, 1, 3).reshape(batch, num_q, -1) @ att.decay_out.weight.T
     return ref_layer_norm(att.norm, out)
@@ -267,9 +272,13 @@ def irregular_times(count: int, seed: int) -> list[float]:
     (None, 25, {'num_layers': 2}),
     (4, 40, {'time_features': 16}),  # the optional age code
     (4, 30, {'order_bias': False}),  # as checkpoints from before the order bias
-    (4, 40, {'value_decays': 8}),  # decays beside the values
+    (4, 40, {'value_decays': 6}),  # decays in the last value channels of each head
     (None, 20, {'value_decays': 3, 'num_layers': 2}),
     (2, 20, {'value_decays': 1, 'num_layers': 1}),
+    (4, 40, {'value_decays': 8, 'decay_channels': 'extra'}),  # decays after the values
+    (None, 20, {'value_decays': 3, 'num_layers': 2, 'decay_channels': 'extra'}),
+    (4, 30, {'value_decays': 4, 'time_features': 8}),  # both, shared
+    (4, 30, {'value_decays': 4, 'time_features': 8, 'decay_channels': 'extra'}),
 ])
 def test_step_matches_reference(cache: bool, capacity: int | None, steps: int,
                                 overrides: dict[str, int]) -> None:
@@ -312,7 +321,8 @@ def test_layer0_query_bank_follows_first_pair_on_ties() -> None:
     assert ref.queries[0].counts[0].T.tolist() == [[17.0, 1.0, 1.0, 1.0]] * 8
 
 
-@pytest.mark.parametrize('time', [{}, {'time_features': 16}, {'value_decays': 8}])
+@pytest.mark.parametrize('time', [{}, {'time_features': 16}, {'value_decays': 6},
+                                  {'value_decays': 8, 'decay_channels': 'extra'}])
 def test_cached_and_recomputed_projections_agree_over_a_long_stream(time: dict) -> None:
     q = build(seed=4, **time)
     cached = q.new_memory(MemorySpec(10))
@@ -328,16 +338,17 @@ def test_cached_and_recomputed_projections_agree_over_a_long_stream(time: dict) 
     assert worst < 1e-11
     assert cached.visual.compressions == recompute.visual.compressions == 190
     # The cache stays exact: stored projections equal the projections of the merged tokens
-    # (each head's channels; with decays, keys carry F zeros after each head's and values the
-    # bank's decays).
+    # (each head's channels; values end with the bank's decays, and with extra decays the
+    # keys carry F zeros after each head's channels).
     with torch.no_grad():
         attentions = [(layer.cross_attention, cached.visual) for layer in q.layers
                       if layer.cross_attention is not None]
         attentions += [(layer.self_attention, bank)
                        for layer, bank in zip(q.layers, cached.queries, strict=True)]
         for att, bank in attentions:
-            heads, extra = att.num_heads, att.num_decays
+            heads = att.num_heads
             for name, proj in (('k', att.key), ('v', att.value)):
+                extra = att.num_decays if name == 'v' or att.extra_decays else 0
                 stored = bank.ordered(f'{att.cache_key}.{name}').unflatten(-1, (heads, -1))
                 expected = proj(bank.tokens).unflatten(-1, (heads, -1))
                 torch.testing.assert_close(stored[..., :stored.shape[-1] - extra], expected,
@@ -523,17 +534,24 @@ def test_new_memory_layout() -> None:
     memory = q.new_memory(MemorySpec(6))
     assert memory.spec.capacity == 6
     assert len(memory.queries) == 3
-    # 4 heads of 8 channels, each with 8 more: zeros after the keys, decays after the values.
-    assert memory.visual.fields == {'cross0.k': 64, 'cross0.v': 64, 'cross2.k': 64,
-                                    'cross2.v': 64}
+    # 4 heads of 8 channels; the values' last 4 are the decays.
+    assert memory.visual.fields == {'cross0.k': 32, 'cross0.v': 32, 'cross2.k': 32,
+                                    'cross2.v': 32}
     assert memory.visual.decay_fields == {'cross0.v': 4, 'cross2.v': 4}
+    assert q.layers[0].cross_attention.value.out_features == 16
+    assert q.layers[0].cross_attention.decay_out is None
+    # Extra: each with 8 more: zeros after the keys, decays after the values.
+    extra = build(seed=21, value_decays=8, decay_channels='extra').new_memory(MemorySpec(6))
+    assert extra.visual.fields == {'cross0.k': 64, 'cross0.v': 64, 'cross2.k': 64,
+                                   'cross2.v': 64}
+    assert extra.visual.decay_fields == {'cross0.v': 4, 'cross2.v': 4}
     # The query banks' self-attention reads no decays.
     assert all(bank.fields == {'self.k': 32, 'self.v': 32} for bank in memory.queries)
     assert memory.query_bank.decay_fields == {}
     # Without cached projections the visual bank still carries the decays, in a field of
     # their own (bank state, not a cache).
     bare = q.new_memory(MemorySpec(None, cache_projections=False))
-    assert bare.visual.fields == {'decay': 8} and bare.spec.capacity is None
+    assert bare.visual.fields == {'decay': 4} and bare.spec.capacity is None
     assert bare.query_bank.fields == {}
     no_decays = build(seed=21, value_decays=0).new_memory(MemorySpec(6))
     assert no_decays.visual.fields == {'cross0.k': 32, 'cross0.v': 32, 'cross2.k': 32,

@@ -354,7 +354,7 @@ def test_endless_tiny_llm_runs_to_max_new_tokens(tmp_path: Path, single_thread: 
 
 def test_from_config(llm_dirs: dict[str, Path], single_thread: None) -> None:
     config = AnticipateConfig.from_dict({
-        'model': {'hidden_size': WIDTH, 'num_heads': 4},
+        'model': {'hidden_size': WIDTH, 'num_heads': 4, 'value_decays': 4},
         'text': {'enabled': True, 'model_path': str(llm_dirs['qwen2']), 'max_new_tokens': 3,
                  'decoding': 'beam', 'num_beams': 2, 'prompt': 'next:'}})
     describer = TextDescriber.from_config(config)
