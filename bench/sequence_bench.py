@@ -9,6 +9,12 @@ trained with the same real training loop, but the label depends on order only:
                distractor shots between them and at least 2 x M sampled frames after the
                second; the label is which cue came first (chance 50 %). Both are always
                present and both are far in the past, so neither presence nor recency helps.
+  next-step    (--task next-step) three cue shots (A, B, C = coffee) are three steps of a
+               cyclic routine A -> B -> C -> A ..., run forwards or backwards from any step
+               (all six orders equally often), with distractors between them and at least
+               2 x M frames after the third; the label is the step that comes next, A -> B ->
+               C -> ? (chance 33 %). All three are always present and far back: only their
+               order says what comes next (in a routine of three it is the one seen first).
 
 Variants, side by side at each memory length M (same streams, seeds and budget):
   none       current frame only
@@ -20,8 +26,8 @@ Variants, side by side at each memory length M (same streams, seeds and budget):
              as a spread of preferences, and the decays read beside the values
              (model/time_encoding.py)
 
-    python bench/sequence_bench.py [--memory 4 8 20] [--seeds 3] [--epochs 12] [--lr 2e-3]
-                               [--jobs 2]
+    python bench/sequence_bench.py [--task which-first|next-step] [--memory 4 8 20]
+                               [--seeds 3] [--epochs 12] [--lr 2e-3] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -56,7 +62,11 @@ from malmm_ros.labels import LabelMaps
 from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.model.time_encoding import RelativeTimeBias
 
-FIRST, SECOND = CUE_PHOTOS[0], CUE_PHOTOS[1]  # label 0: FIRST came first; 1: SECOND did
+# name: (cue photos, the label's meaning, chance, title of the plot)
+TASKS = {
+    'which-first': (CUE_PHOTOS[:2], 'which cue came first', 'Which cue came first'),
+    'next-step': (CUE_PHOTOS[:3], 'the step after A -> B -> C', 'Next step of a routine'),
+}
 VARIANTS = {  # name: (training overrides, model overrides, start with zero time-bias tables)
     'none': ({'memory.current_frame_only': True}, {}, False),
     'pool': ({'memory.capacity': 1}, {}, False),
@@ -66,26 +76,50 @@ VARIANTS = {  # name: (training overrides, model overrides, start with zero time
 }
 
 
-def order_streams(rows, count: int, shots: range, memory: int, rng: np.random.Generator
-                  ) -> tuple[list[list[int]], list[int]]:
-    """`count` streams of 2 x M + 16 frames: distractors, cue, distractors, cue, and at least
-    2 x M distractor frames; labels alternate so both orders are equally common."""
-    length = 2 * memory + 16
+def stream_length(task: str, memory: int) -> int:
+    """2 x M + 16 frames for two cues, 2 x M + 20 for three."""
+    return 2 * memory + 8 + 4 * len(TASKS[task][0])
+
+
+def order_streams(rows, count: int, shots: range, memory: int, rng: np.random.Generator,
+                  task: str = 'which-first') -> tuple[list[list[int]], list[int]]:
+    """`count` streams of `stream_length` frames: distractors, then the task's cues (2 frames
+    each) with at least 2 distractor frames between consecutive cues, and at least 2 x M
+    distractor frames after the last. which-first: label 0 when A came first, 1 when B did
+    (alternating). next-step: the cues are a rotation of A, B, C, forwards or backwards (the
+    six orders in turn); the label is the step after the last, the one seen first."""
+    photos = TASKS[task][0]
+    length = stream_length(task, memory)
+    cue_frames = 2 * len(photos)
     streams, labels = [], []
     for i in range(count):
-        label = i % 2
-        names = (FIRST, SECOND) if label == 0 else (SECOND, FIRST)
+        if task == 'which-first':
+            label = i % 2
+            names = photos if label == 0 else photos[::-1]
+        else:
+            rotation, backwards = (i // 2) % 3, i % 2
+            cycle = list(photos[::-1] if backwards else photos)
+            names = cycle[rotation:] + cycle[:rotation]
+            label = photos.index(names[0])  # A -> B -> C -> A: after X, Y, Z comes X
         cues = []
         for name in names:
             frames = rows[(name, int(rng.choice(shots)))]
             start = int(rng.integers(0, SHOT_FRAMES - 1))
             cues.append(frames[start:start + 2])
-        after = int(rng.integers(2 * memory, length - 4 - 2 + 1))  # >= 2 frames between cues
-        between = int(rng.integers(2, length - 4 - after + 1))
-        before = length - 4 - after - between
-        streams.append(distractors(rows, before, shots, rng) + cues[0]
-                       + distractors(rows, between, shots, rng) + cues[1]
-                       + distractors(rows, after, shots, rng))
+        gaps = len(names) - 1
+        after = int(rng.integers(2 * memory, length - cue_frames - 2 * gaps + 1))
+        if task == 'which-first':  # as first measured: the gap, then the rest before
+            between = [int(rng.integers(2, length - cue_frames - after + 1))]
+            before = length - cue_frames - after - between[0]
+        else:  # at least 2 frames in each gap, the rest spread at random before and between
+            spare = length - cue_frames - after - 2 * gaps
+            cuts = np.sort(rng.integers(0, spare + 1, size=gaps))
+            split = np.diff(np.concatenate([[0], cuts, [spare]]))  # gaps + 1 parts
+            before, between = int(split[0]), [2 + int(x) for x in split[1:]]
+        stream = distractors(rows, before, shots, rng) + cues[0]
+        for gap, cue in zip(between, cues[1:], strict=True):
+            stream += distractors(rows, gap, shots, rng) + cue
+        streams.append(stream + distractors(rows, after, shots, rng))
         labels.append(label)
     return streams, labels
 
@@ -96,7 +130,7 @@ def run_variant(name: str, memory: int, seed: int, train_set: PoolWindows,
     train_overrides, model_overrides, zero_bias = VARIANTS[name]
     torch.manual_seed(seed)
     model = MalmmModel(model_preset('edge', **{**ARCH, **model_overrides}),
-                       LabelMaps.placeholder(2, 1))
+                       LabelMaps.placeholder(len(TASKS[args.task][0]), 1))
     if zero_bias:
         with torch.no_grad():
             for module in model.modules():
@@ -123,14 +157,15 @@ def run_job(job: tuple[int, int, str], args: argparse.Namespace) -> tuple[int, i
     pool, rows = _POOL
     rng = np.random.default_rng(1000 * memory + seed)
     train_set = PoolWindows(pool, *order_streams(rows, args.train_streams, TRAIN_SHOTS, memory,
-                                                 rng))
+                                                 rng, args.task))
     test_set = PoolWindows(pool, *order_streams(rows, args.test_streams, TEST_SHOTS, memory,
-                                                rng))
+                                                rng, args.task))
     return memory, seed, variant, run_variant(variant, memory, seed, train_set, test_set, args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--task', default='which-first', choices=list(TASKS))
     parser.add_argument('--memory', type=int, nargs='+', default=[8, 4, 20],
                         help='memory lengths M (20: the node default)')
     parser.add_argument('--seeds', type=int, default=3)
@@ -143,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                         help='runs trained at once, in separate processes')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per job')
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument('--out', type=Path, default=Path('bench/results/sequence'))
+    parser.add_argument('--out', type=Path, default=None,
+                        help='default bench/results/sequence (which-first) or '
+                             'bench/results/sequence-next-step')
     parser.add_argument('--resume', action='store_true',
                         help='keep the runs already in OUT/sequence.json (same settings) and '
                              'train only the missing ones')
@@ -151,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the table and plot of OUT/sequence.json (a run's results "
                              'so far) and exit')
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path('bench/results/sequence' + ('' if args.task == 'which-first'
+                                                     else f'-{args.task}'))
     if args.report:
         report(args.out / 'sequence.json')
         return 0
@@ -190,8 +230,8 @@ def resume(args: argparse.Namespace, results: dict[int, dict[str, list[float]]],
     if not path.exists():
         return 0.0
     earlier = json.loads(path.read_text())
-    settings = ('epochs', 'lr', 'train_streams', 'test_streams')
-    if any(earlier[k] != getattr(args, k) for k in settings):
+    settings = ('task', 'epochs', 'lr', 'train_streams', 'test_streams')
+    if any(earlier.get(k, 'which-first') != getattr(args, k) for k in settings):
         parser.error(f'--resume: {path} was run with other settings '
                      f'({", ".join(f"{k} {earlier[k]}" for k in settings)})')
     for m, by_variant in earlier['results'].items():
@@ -207,23 +247,26 @@ def resume(args: argparse.Namespace, results: dict[int, dict[str, list[float]]],
 def report(path: Path) -> None:
     """Print the table and draw the plot of a sequence.json (runs not done yet left out)."""
     summary = json.loads(path.read_text())
+    task = summary.get('task', 'which-first')
+    photos, meaning, title = TASKS[task]
     results = {int(m): {v: [a for a in accs if a is not None] for v, accs in by_variant.items()}
                for m, by_variant in summary['results'].items()}
-    print(f"\nwhich-first: streams of 2 x M + 16 frames, the second cue >= 2 x M frames "
-          f"before the end; {summary['train_streams']} train / {summary['test_streams']} test "
-          f"streams; {summary['epochs']} epochs, lr {summary['lr']:g}; chance 50 %; "
-          f"{summary['minutes']:.1f} min\n")
+    print(f"\n{task} ({meaning}): streams of 2 x M + {stream_length(task, 0)} frames, the last "
+          f"cue >= 2 x M frames before the end; {summary['train_streams']} train / "
+          f"{summary['test_streams']} test streams; {summary['epochs']} epochs, lr "
+          f"{summary['lr']:g}; chance {100 / len(photos):.0f} %; {summary['minutes']:.1f} min\n")
     rows = [[str(m), v, f'{100 * np.mean(a):.1f} %', f'{100 * np.std(a):.1f}',
              ', '.join(f'{100 * x:.1f}' for x in a)]
             for m, by_variant in results.items() for v, a in by_variant.items() if a]
     print(table(['M', 'variant', 'accuracy mean', 'std', 'per seed'], rows))
-    plot({m: r for m, r in results.items() if all(r.values())}, path.with_suffix('.png'))
+    plot({m: r for m, r in results.items() if all(r.values())}, path.with_suffix('.png'),
+         title, 100 / len(photos))
 
 
 def save(args: argparse.Namespace, results: dict[int, dict[str, list[float]]],
          minutes: float) -> None:
     """sequence.json: accuracy per M, variant and seed (null: not run yet)."""
-    summary = {'task': 'which-first', 'minutes': minutes, 'epochs': args.epochs, 'lr': args.lr,
+    summary = {'task': args.task, 'minutes': minutes, 'epochs': args.epochs, 'lr': args.lr,
                'train_streams': args.train_streams, 'test_streams': args.test_streams,
                'results': {str(m): {v: [None if math.isnan(a) else a for a in accs]
                                     for v, accs in by_variant.items()}
@@ -231,7 +274,8 @@ def save(args: argparse.Namespace, results: dict[int, dict[str, list[float]]],
     (args.out / 'sequence.json').write_text(json.dumps(summary, indent=2) + '\n')
 
 
-def plot(results: dict[int, dict[str, list[float]]], path: Path) -> None:
+def plot(results: dict[int, dict[str, list[float]]], path: Path, title: str,
+         chance: float) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -245,11 +289,11 @@ def plot(results: dict[int, dict[str, list[float]]], path: Path) -> None:
         means = [100 * np.mean(results[m][variant]) for m in memories]
         errs = [100 * np.std(results[m][variant]) for m in memories]
         ax.bar(xs, means, width, yerr=errs, capsize=3, label=variant)
-    ax.axhline(50, color='grey', ls='--', lw=1)
+    ax.axhline(chance, color='grey', ls='--', lw=1)
     ax.set_xticks(range(len(memories)), [f'M = {m}' for m in memories])
     ax.set_ylabel('test accuracy (%)')
     ax.set_ylim(0, 100)
-    ax.set_title('Which cue came first (chance 50 %)')
+    ax.set_title(f'{title} (chance {chance:.0f} %)')
     ax.legend(fontsize=7, ncol=len(variants))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -15,10 +15,15 @@ from the banks on every step (never baked into what is cached):
    share a bucket, and bench/sequence_bench.py's which-came-first task stayed near chance at
    the node's M = 20 with the buckets alone (67 % over three seeds).
 3. Value decays (model.value_decays, 8 by default): every token of the visual bank carries
-   exp(-age / tau) for taus geometric from 0.5 s to 2,000 s (`decay_rates`). Cross-attention
-   reads them as extra value channels after each head's, so each head returns the
-   attention-weighted decays of what it attended to, and a learned projection (`decay_out`)
-   adds them to the output. The biases above only steer where a head looks; the decays put the
+   exp(-age / tau) for taus geometric from 0.5 s to 2,000 s (`decay_rates`). They are the
+   last F value channels of each cross-attention head (model.decay_channels: shared; the value
+   projection gives F fewer per head), so each head returns the attention-weighted decays of
+   what it attended to beside its context, and the output projection reads both. Sharing the
+   head's width keeps the attention as cheap as without them; adding F channels after each
+   head's (decay_channels: extra, with zero channels on keys and queries and a projection of
+   their own, `decay_out`) keeps every value channel, as BLIP-2's weights need, and made the
+   step about 10 % dearer instead of 5-6 % (bench/stream_bench.py). The biases above only
+   steer where a head looks; the decays put the
    "when" of what it found into its output, so the read-out can tell "the knife, long ago" from
    "the knife, just now". With the order bias alone the which-first task reached 99 % at
    M = 20 but learned and then overfitted at M = 8 (89 % over three seeds); with the decays
@@ -50,8 +55,8 @@ All keep what the memory guarantees:
   index; the decays depend only on time differences);
 - exact with cached projections: the biases are added at attention time and the decays are
   bank state merged like the cached keys/values, so cached and recomputed steps agree;
-- cheap: two [heads, S*N] biases per attention and F more channels per head in the
-  cross-attention (bench/stream_bench.py measures the cost side by side).
+- cheap: two [heads, S*N] biases per attention and F channels of each cross-attention head
+  (bench/stream_bench.py measures the cost side by side).
 """
 
 from __future__ import annotations
