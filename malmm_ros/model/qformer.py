@@ -130,8 +130,8 @@ class MemoryAttention(nn.Module):
                 [width, self.value.out_features], dim=-1)  # (B, S*N, D), (B, S*N, value)
             k = k + self._pad_heads(key_shift, self.extra_decays).view_as(k)
             v = v + self._pad_heads(value_shift, bool(self.num_decays)).view_as(v)
-        # Queries get the zero channels too: one width for all three (the fused attention
-        # kernel needs it), and zeros leave every logit as it was.
+        # With extra decays the queries get the zero channels too: one width for all three
+        # (the fused attention kernel needs it), and zeros leave every logit as it was.
         q = F.linear(hidden, *query_proj).view(batch, num_q, heads, per_head)
         bias = self.time_bias.from_buckets(buckets, self.order_bias, places)  # (B, h, 1, S*N)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
