@@ -125,6 +125,18 @@ def test_blip2_preset() -> None:
     assert (model.num_layers, model.hidden_size, model.num_heads) == (12, 768, 12)
     assert (model.intermediate_size, model.encoder_width) == (3072, 1408)
     assert model.cross_attention_layers() == (0, 2, 4, 6, 8, 10)
+    assert model.decay_channels == 'extra'  # BLIP-2's value projections keep every channel
+
+
+def test_decays_sharing_the_heads_need_wider_heads() -> None:
+    assert AnticipateConfig().model.decay_channels == 'shared'
+    with pytest.raises(ConfigError, match=r'model.value_decays \(8\) must be below the head '
+                                          r'width \(8\) with model.decay_channels: shared'):
+        AnticipateConfig.from_dict({'model': {'hidden_size': 32, 'num_heads': 4}})
+    for fits in ({'value_decays': 7}, {'decay_channels': 'extra'}, {'value_decays': 0}):
+        AnticipateConfig.from_dict({'model': {'hidden_size': 32, 'num_heads': 4, **fits}})
+    with pytest.raises(ConfigError, match='decay_channels'):
+        AnticipateConfig.from_dict({'model': {'decay_channels': 'inside'}})
 
 
 def test_overrides_apply_on_top_of_preset() -> None:

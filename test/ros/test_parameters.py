@@ -191,7 +191,15 @@ def test_range_ends_are_accepted(make_node: Callable[..., Node], name: str) -> N
     for value in (cast(lo), cast(hi)):
         if name == 'model.num_heads' and AnticipateConfig().model.hidden_size % value:
             continue  # a valid range end that the default hidden_size cannot split into
-        node = make_node({name: value})
+        overrides = {name: value}
+        model = {'hidden_size': DEFAULTS['model.hidden_size'],
+                 'num_heads': DEFAULTS['model.num_heads'],
+                 'value_decays': DEFAULTS['model.value_decays'], name.split('.')[-1]: value}
+        if model['value_decays'] >= model['hidden_size'] // model['num_heads']:
+            # Decays sharing the heads' value channels need heads wider than them; after them
+            # (extra) any count fits.
+            overrides['model.decay_channels'] = 'extra'
+        node = make_node(overrides)
         config = declare_config_parameters(node)
         assert node.get_parameter(name).value == value
         assert config.to_parameters()[name] == value
