@@ -265,9 +265,13 @@ class MemoryBank:
         or torch.tensor() of a list."""
         data = self._data
         assert data is not None
-        both = torch.from_numpy(np.exp(self._signed_rates * elapsed))
-        both = both.to(dtype=data.dtype, device=data.device)
+        both = np.exp(self._signed_rates * elapsed)  # float64
         count = len(self.decay_rates)
+        kind = _NUMPY_TYPES.get(data.dtype)
+        if kind is not None and data.device.type == 'cpu':  # no torch operator at all
+            both = both.astype(kind)
+            return torch.from_numpy(both[:count]), torch.from_numpy(both[count:])
+        both = torch.from_numpy(both).to(dtype=data.dtype, device=data.device)
         return both[:count], both[count:]
 
     def decay_scale(self) -> torch.Tensor:
@@ -289,7 +293,11 @@ class MemoryBank:
             self._rows(group)  # checks the group
             count = self._batch * self._data.shape[2]
             rows = rows[group * count:(group + 1) * count]
-        value = value.detach().reshape(len(rows), -1).to(target.dtype)
+        if value.requires_grad:
+            value = value.detach()
+        value = value.reshape(len(rows), -1)
+        if value.dtype != target.dtype:
+            value = value.to(target.dtype)
         if name in self.decay_fields:  # the value's parts, each followed by the new decays
             parts = self.decay_fields[name]
             value = value.view(len(rows), parts, -1)
@@ -551,6 +559,9 @@ class BankRows:
     def nbytes(self) -> int:
         return self.bank.nbytes() // self.bank.groups
 
+
+# The storage dtypes whose decay factors numpy makes directly (MemoryBank._exps).
+_NUMPY_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 # Stored decays are rescaled once a new frame's would pass e^16 (far from float32's e^88).
 _MAX_LOG_DECAY = 16.0
