@@ -21,8 +21,9 @@ from the banks on every step (never baked into what is cached):
    what it attended to beside its context, and the output projection reads both. Sharing the
    head's width keeps the attention as cheap as without them; adding F channels after each
    head's (decay_channels: extra, with zero channels on keys and queries and a projection of
-   their own, `decay_out`) keeps every value channel, as BLIP-2's weights need, and made the
-   step about 10 % dearer instead of 5-6 % (bench/stream_bench.py). The biases above only
+   their own, `decay_out`) keeps every value channel, as BLIP-2's weights need, and costs a
+   little more (the step with the whole time representation 1.10-1.11x of the one before
+   issue 12 against 1.09-1.10x; bench/stream_bench.py). The biases above only
    steer where a head looks; the decays put the
    "when" of what it found into its output, so the read-out can tell "the knife, long ago" from
    "the knife, just now". With the order bias alone the which-first task reached 99 % at
