@@ -448,54 +448,37 @@ def test_older_formats_load_as_they_ran(fixture: str, ran_with: dict[str, Any],
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-def test_old_format_against_a_new_config_says_why(old_format: tuple[Path, MalmmModel]) -> None:
-    path, _ = old_format
-    with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; '
-                                              r'value_decays: config 4 vs checkpoint 0; it '
-                                              r'was trained with an older time encoding: set '
-                                              r'model.order_bias: false, model.value_decays: 0 '
-                                              r'to run it'):
-        load_checkpoint(path, CONFIG)
+_OLDER_HINT = 'it was trained with an older time encoding: set {} to run it'
+
+
+@pytest.mark.parametrize('fixture,config,message', [
+    ('old_format', {}, 'order_bias: config True vs checkpoint False; value_decays: config 4 vs '
+     'checkpoint 0; ' + _OLDER_HINT.format('model.order_bias: false, model.value_decays: 0')),
     # With the age code asked for too, every setting is named.
-    with_code = ModelConfig(**{**CONFIG.architecture(), 'time_features': 16})
-    with pytest.raises(CheckpointError, match=r'time_features: config 16 vs checkpoint 0; '
-                                              r'order_bias: config True vs checkpoint False; '
-                                              r'value_decays: config 4 vs checkpoint 0; it '
-                                              r'was trained with an older time encoding: set '
-                                              r'model.time_features: 0, model.order_bias: false, '
-                                              r'model.value_decays: 0 to run it'):
-        load_checkpoint(path, with_code)
+    ('old_format', {'time_features': 16},
+     'time_features: config 16 vs checkpoint 0; order_bias: config True vs checkpoint False; '
+     'value_decays: config 4 vs checkpoint 0; ' + _OLDER_HINT.format(
+         'model.time_features: 0, model.order_bias: false, model.value_decays: 0')),
+    ('age_code_format', {'time_features': 16},
+     'order_bias: config True vs checkpoint False; value_decays: config 4 vs checkpoint 0; '
+     + _OLDER_HINT.format('model.order_bias: false, model.value_decays: 0')),
+    ('order_format', {},
+     'value_decays: config 4 vs checkpoint 0; ' + _OLDER_HINT.format('model.value_decays: 0')),
+    ('extra_decays_format', {},
+     "decay_channels: config 'shared' vs checkpoint 'extra'; "
+     + _OLDER_HINT.format('model.decay_channels: extra')),
+])
+def test_older_format_against_a_newer_config_says_why(fixture: str, config: dict[str, Any],
+                                                      message: str,
+                                                      request: pytest.FixtureRequest) -> None:
+    path, _ = request.getfixturevalue(fixture)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(path, ModelConfig(**{**CONFIG.architecture(), **config}))
 
 
-def test_age_code_format_against_a_new_config_says_why(
-        age_code_format: tuple[Path, MalmmModel]) -> None:
-    path, _ = age_code_format
-    with_code = ModelConfig(**{**CONFIG.architecture(), 'time_features': 16})
-    with pytest.raises(CheckpointError, match=r'order_bias: config True vs checkpoint False; '
-                                              r'value_decays: config 4 vs checkpoint 0; it '
-                                              r'was trained with an older time encoding: set '
-                                              r'model.order_bias: false, model.value_decays: 0 '
-                                              r'to run it'):
-        load_checkpoint(path, with_code)
-
-
-def test_order_format_against_the_default_config_says_why(
-        order_format: tuple[Path, MalmmModel]) -> None:
-    path, _ = order_format
-    with pytest.raises(CheckpointError, match=r'value_decays: config 4 vs checkpoint 0; it was '
-                                              r'trained with an older time encoding: set '
-                                              r'model.value_decays: 0 to run it'):
-        load_checkpoint(path, CONFIG)
-
-
-def test_extra_decays_format_against_the_default_config_says_why(
+def test_extra_decays_format_loads_with_its_layout(
         extra_decays_format: tuple[Path, MalmmModel]) -> None:
     path, _ = extra_decays_format
-    with pytest.raises(CheckpointError, match=r"decay_channels: config 'shared' vs checkpoint "
-                                              r"'extra'; it was trained with an older time "
-                                              r'encoding: set model.decay_channels: extra to '
-                                              r'run it'):
-        load_checkpoint(path, CONFIG)
     loaded = load_checkpoint(path, ModelConfig(**{**CONFIG.architecture(),
                                                   'decay_channels': 'extra'}))
     assert loaded.config.decay_channels == 'extra'
