@@ -287,7 +287,8 @@ class MemoryBank:
         return both[:count], both[count:]
 
     def decay_scale(self) -> torch.Tensor:
-        """[F]: stored decays times this are the decays at the newest frame's time."""
+        """[F]: stored decays times this are the decays at the newest frame's time. On CPU the
+        same tensor is rewritten when the next frame opens: read it within the step."""
         if self._scale is None or not self.decay_rates:
             raise RuntimeError('the bank has no decays yet')
         return self._scale
