@@ -97,9 +97,8 @@ class MemoryBank:
         elif decay_fields:
             raise ValueError('decay_fields without decay_rates')
         self._max_rate = max(self.decay_rates, default=0.0)
-        self._signed_rates = np.array(self.decay_rates + tuple(-r for r in self.decay_rates))
+        self._rates_np = np.array(self.decay_rates)  # float64; as the storage in _exps
         self._factors: tuple[torch.Tensor, torch.Tensor] | None = None  # _exps' outputs
-        self._rates_np: np.ndarray | None = None  # the rates in the storage dtype
         # Per length: each slot's place value, newest first, laid out like _order (age_ranks
         # and order_places scatter it; made once per length, shape, dtype and device).
         self._place_values: dict[tuple, torch.Tensor] = {}
@@ -267,24 +266,24 @@ class MemoryBank:
         or torch.tensor() of a list."""
         data = self._data
         assert data is not None
-        count = len(self.decay_rates)
         kind = _NUMPY_TYPES.get(data.dtype)
         if kind is not None and data.device.type == 'cpu':
             # No torch operator at all: numpy writes into two small tensors kept for this
             # (the factors are read within the step that made them).
             if self._factors is None or self._factors[0].dtype != data.dtype:
                 with torch.inference_mode(False):
-                    self._factors = (torch.empty(count, dtype=data.dtype),
-                                     torch.empty(count, dtype=data.dtype))
-                self._rates_np = self._signed_rates[:count].astype(kind)
+                    self._factors = (torch.empty(len(self._rates_np), dtype=data.dtype),
+                                     torch.empty(len(self._rates_np), dtype=data.dtype))
+                self._rates_np = self._rates_np.astype(kind)
             up, down = self._factors
             array = up.numpy()
             np.exp(np.multiply(self._rates_np, elapsed, out=array), out=array)
             np.reciprocal(array, out=down.numpy())
             return up, down
-        both = torch.from_numpy(np.exp(self._signed_rates * elapsed))
-        both = both.to(dtype=data.dtype, device=data.device)
-        return both[:count], both[count:]
+        up = np.exp(self._rates_np * elapsed)
+        both = torch.from_numpy(np.stack([up, 1.0 / up])).to(dtype=data.dtype,
+                                                               device=data.device)
+        return both[0], both[1]
 
     def decay_scale(self) -> torch.Tensor:
         """[F]: stored decays times this are the decays at the newest frame's time. On CPU the
