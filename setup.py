@@ -9,6 +9,7 @@ PACKAGE = 'malmm_ros'
 setup(
     name=PACKAGE,
     version='0.1.0',
+    python_requires='>=3.10',
     packages=find_packages(include=[PACKAGE, f'{PACKAGE}.*']),
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),

@@ -64,7 +64,7 @@ class Evaluation:
             'mode': self.mode,
             'checkpoint': self.checkpoint,
             'trained': self.trained,
-            'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+            'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
             'inputs': self.inputs,
             'settings': self.settings,
             'segments': self.scores.counts(),

@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -259,7 +259,7 @@ class EngineCache:
         record = {
             'format': SIDECAR_FORMAT,
             'key': key.to_dict(),
-            'created': datetime.now(UTC).isoformat(timespec='seconds'),
+            'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
             'engine_size': len(data),
             'engine_sha256': hashlib.sha256(data).hexdigest(),
             'build': dict(info or {}),
