@@ -11,7 +11,7 @@ export RMW_IMPLEMENTATION ?= rmw_fastrtps_cpp
 export FASTDDS_DEFAULT_PROFILES_FILE ?= $(CURDIR)/config/fastdds.xml
 EPIC_ANNOTATIONS ?= ../shared/epic100
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast lint bench clean runtime-venvs
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ test: lint
 # under a minute on 2 cores. `make test` (what CI runs) stays one process, every test.
 test-fast: lint
 	$(PY) -m pytest -q -rs -n 2 -m 'not slow and not dds' test
+
+# The robots' Pythons (3.10 with numpy 1.x, 3.12) as venvs under build/runtime-venvs: the slow
+# tests in test/robot_pythons build them on first use (about a minute); this builds them ahead.
+runtime-venvs:
+	$(PYTHON) test/support/runtime_venvs.py
 
 bench: $(STAMP)
 	$(PY) bench/stream_bench.py
