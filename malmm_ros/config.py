@@ -178,12 +178,18 @@ class AnticipateConfig:
     memory_bank_length: int = spec(20, 'memory capacity M of every bank, in slots', 1, 1000)
     backend: str = spec('onnxruntime', 'image encoder backend (auto: best one available)',
                         choices=('onnxruntime', 'torch', 'tensorrt', 'auto'))
-    precision: str = spec('fp16', 'TensorRT engine precision (int8 needs calibration '
-                          'frames: malmm-export engine --calib)',
-                          choices=('fp32', 'fp16', 'int8'))
+    precision: str = spec('auto', 'encoder precision: ONNX Runtime fp32 | int8 (a bundle\'s '
+                          'INT8 encoder), TensorRT fp32 | fp16 | int8; auto: int8 from a bundle '
+                          'on ONNX Runtime, fp16 on TensorRT, else fp32',
+                          choices=('auto', 'fp32', 'fp16', 'int8'))
     engine_dir: str = spec('', 'cache of exported/compiled encoders; empty: $MALMM_ENGINE_DIR, '
                            'the checkout\'s engines/ or ~/.cache/malmm_ros/engines')
     checkpoint: str = spec('', 'trained safetensors checkpoint; empty: untrained heads')
+    bundle: str = spec('', 'folder written by malmm-export bundle (encoders, step graphs, '
+                       'manifest); takes the place of checkpoint')
+    runtime: str = spec('torch', 'what runs the memory, Q-Former and heads: torch (the '
+                        'reference) or onnx (a bundle\'s graphs on ONNX Runtime, memory in '
+                        'numpy; torch is never imported)', choices=('torch', 'onnx'))
     device: str = spec('cpu', 'torch device for the model', choices=('cpu', 'cuda'))
     num_threads: int = spec(0, 'compute threads of the encoder and Q-Former (0: all cores but '
                             'one, leaving room for the camera driver and DDS)', 0, 256)
@@ -203,12 +209,35 @@ class AnticipateConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self, '')
+        if self.checkpoint and self.bundle:
+            raise ConfigError('set checkpoint or bundle, not both (a bundle holds its '
+                              'checkpoint)')
+        if self.runtime == 'onnx' and not self.bundle:
+            raise ConfigError('runtime onnx runs the graphs of a bundle: set bundle (write one '
+                              'with malmm-export bundle --out DIR)')
+        if self.runtime == 'onnx' and self.text.enabled:
+            raise ConfigError('text descriptions run their LLM in PyTorch: use runtime torch '
+                              'with text.enabled, or turn text off')
+        if self.runtime == 'onnx' and self.backend == 'torch':
+            raise ConfigError('runtime onnx never imports torch: choose backend onnxruntime, '
+                              'tensorrt or auto')
+
+    def encoder_precision(self) -> str:
+        """`precision` with auto resolved for `backend` (auto backends resolve later)."""
+        if self.precision != 'auto':
+            return self.precision
+        if self.backend == 'tensorrt':
+            return 'fp16'
+        if self.backend == 'onnxruntime' and self.bundle:
+            return 'int8'
+        return 'fp32'
 
     def check_files(self, *, text: bool = False) -> None:
         """ConfigError naming the absolute path of a configured file that is missing (a relative
         path is read from the working directory, which is easy to get wrong); with `text`, the
         LLM folder of enabled text descriptions too."""
-        paths = {'checkpoint': self.checkpoint, 'labels.verb_classes': self.labels.verb_classes,
+        paths = {'checkpoint': self.checkpoint, 'bundle': self.bundle,
+                 'labels.verb_classes': self.labels.verb_classes,
                  'labels.noun_classes': self.labels.noun_classes}
         if text and self.text.enabled:
             paths['text.model_path'] = self.text.model_path

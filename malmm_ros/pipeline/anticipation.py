@@ -14,23 +14,16 @@ import time
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from malmm_ros.config import AnticipateConfig, TextConfig, load_config
-from malmm_ros.errors import ConfigError, FrameError, OutputError
+from malmm_ros.errors import ConfigError, FrameError
 from malmm_ros.imaging import check_image, resize_and_crop
 from malmm_ros.labels import LabelMaps, action_id, top_pairs
-from malmm_ros.model.checkpoint import (
-    checkpoint_is_trained,
-    load_checkpoint,
-    read_checkpoint_metadata,
-    untrained_model,
-)
-from malmm_ros.model.memory import MemorySpec
 from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
 from malmm_ros.pipeline.sampler import Admission, StreamSampler
 from malmm_ros.protocol import Protocol
 from malmm_ros.runtime import create_encoder
+from malmm_ros.runtime.bundle import BUNDLE_CHECKPOINT, Bundle
 
 __all__ = ['AnticipationPipeline', 'StepScores']
 
@@ -53,33 +46,48 @@ class AnticipationPipeline:
     `push(image, stamp_ns)` returns a Prediction every `publish_every_n` sampled frames, else
     None. A stamp going backwards (a looping bag) or jumping by more than `max_gap_s` resets the
     memory first; both are counted in `stats`.
+
+    `config.runtime` picks what runs the memory, Q-Former and heads: `torch` (the model in
+    PyTorch, pipeline/torch_runner.py; `model` and `memory` are its module and StreamMemory)
+    or `onnx` (a bundle's graphs on ONNX Runtime with the memory in numpy,
+    pipeline/onnx_runner.py; `model` is None). Nothing here imports torch.
     """
 
     def __init__(self, config: AnticipateConfig, *, encoder: Any | None = None) -> None:
         self.config = config
-        torch.set_num_threads(config.threads())
-        self.device = torch.device(config.device)
-        self.encoder = encoder if encoder is not None else create_encoder(
-            config.backend, device=config.device, threads=config.threads(),
-            precision=config.precision, engine_dir=config.engine_dir or None)
+        self.bundle = Bundle.open(config.bundle) if config.bundle else None
+        checkpoint = config.checkpoint or (str(self.bundle.file(BUNDLE_CHECKPOINT))
+                                           if self.bundle else '')
+        self.checkpoint = checkpoint  # the weights' file ('' for the untrained model)
+        if config.runtime == 'onnx':
+            from malmm_ros.pipeline.onnx_runner import OnnxRunner
+
+            assert self.bundle is not None  # the config refuses runtime onnx without one
+            _check_bundle_model(config, self.bundle)
+            self.runner: Any = OnnxRunner(config, self.bundle)
+            self.model = None
+        else:
+            from malmm_ros.pipeline.torch_runner import TorchRunner
+
+            self.runner = TorchRunner(config, checkpoint)
+            self.model = self.runner.model
+        self.memory = self.runner.memory
+        self.trained: bool = self.runner.trained
+        self.labels: LabelMaps = self.runner.labels
+        self.encoder = encoder if encoder is not None else self._create_encoder()
         self.protocol_warnings: list[str] = []
-        if config.checkpoint:
-            self.model = load_checkpoint(config.checkpoint, config.model, device=self.device)
-            self.protocol_warnings = _protocol_mismatches(config)
+        if checkpoint:
+            stored = (self.bundle.protocol if self.bundle else
+                      Protocol.stored(self.runner.protocol_metadata or {}))
+            self.protocol_warnings = _protocol_mismatches(config, stored, checkpoint)
             for warning in self.protocol_warnings:
                 _log.warning('%s', warning)
-            self.trained = checkpoint_is_trained(config.checkpoint)
             if not self.trained:
-                _log.warning('checkpoint %s is marked untrained (malmm-export checkpoint '
-                             '--untrained): its predictions are meaningless', config.checkpoint)
+                _log.warning('%s is marked untrained (malmm-export checkpoint --untrained): '
+                             'its predictions are meaningless', config.bundle or checkpoint)
         else:
-            self.model = untrained_model(config).to(self.device)
-            self.trained = False
             _log.warning('no checkpoint configured: the anticipation heads are untrained and '
-                         'their predictions are meaningless (set "checkpoint")')
-        self.labels: LabelMaps = self.model.labels
-        self.memory = self.model.new_memory(MemorySpec(
-            config.memory_bank_length, cache_projections=not config.model.recompute_projections))
+                         'their predictions are meaningless (set "checkpoint" or "bundle")')
         # The one sampling stage (the node and the evaluator call its admit() themselves,
         # before decoding, and hand the verdict to push()).
         self.sampler = StreamSampler(config.sample_fps, config.max_gap_s)
@@ -87,9 +95,24 @@ class AnticipationPipeline:
         self.stats = {'frames_in': 0, 'frames_sampled': 0, 'resets': 0, 'bad_frames': 0}
         self._origin_ns: int | None = None  # time that time 0 of the memory refers to
         self._newest: tuple[int, str] | None = None  # (stamp_ns, frame_id) in memory
-        self._queries: torch.Tensor | None = None  # last step's query outputs (B, Q, D)
+        self._stepped = False  # a frame is in memory since the last reset
         self._latency: dict[str, float] = {}
         self._since_prediction = 0
+
+    def _create_encoder(self) -> Any:
+        """The configured encoder; a bundle's ONNX files for ONNX Runtime and TensorRT."""
+        config = self.config
+        precision = config.encoder_precision()
+        if config.backend == 'onnxruntime' and precision == 'fp16':
+            raise ConfigError('precision fp16 is a TensorRT precision; ONNX Runtime runs fp32 '
+                              'or int8 (or set precision: auto)')
+        onnx_path = None
+        if self.bundle is not None and config.backend in ('onnxruntime', 'tensorrt'):
+            onnx_path = self.bundle.encoder(precision if config.backend == 'onnxruntime'
+                                            else 'fp32')
+        return create_encoder(config.backend, device=config.device, threads=config.threads(),
+                              precision=precision, engine_dir=config.engine_dir or None,
+                              onnx_path=onnx_path)
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None
@@ -111,13 +134,14 @@ class AnticipationPipeline:
         return dict(self._latency)
 
     @property
-    def last_queries(self) -> torch.Tensor | None:
-        """Query outputs [1, Q, D] of the newest sampled frame (None before one, after reset).
+    def last_queries(self) -> Any:
+        """Query outputs [1, Q, D] of the newest sampled frame (None before one, after reset):
+        a torch tensor with runtime torch, a numpy array with runtime onnx.
 
-        The next step replaces the tensor and never writes into it, so a reader (the text
+        The next step replaces the array and never writes into it, so a reader (the text
         describer on its own thread) may keep it.
         """
-        return self._queries
+        return self.runner.queries if self._stepped else None
 
     # Settings that change how frames are fed, not the model or its memory; the text group
     # concerns only a describer beside the pipeline.
@@ -129,7 +153,10 @@ class AnticipationPipeline:
         """The settings of `config` that differ from this pipeline's and need a new pipeline
         (the model, the encoder, the memory); empty when `apply_settings` can take it."""
         old, new = self.config.to_parameters(), config.to_parameters()
-        return sorted(k for k in new if new[k] != old[k] and k not in self.LIVE_SETTINGS)
+        live = self.LIVE_SETTINGS
+        if self.config.runtime == 'onnx':  # ONNX Runtime sessions fix their threads
+            live = live - {'num_threads'}
+        return sorted(k for k in new if new[k] != old[k] and k not in live)
 
     def apply_settings(self, config: AnticipateConfig) -> None:
         """Take new values of LIVE_SETTINGS without touching the model or the memory.
@@ -141,7 +168,7 @@ class AnticipationPipeline:
             raise ConfigError(f'{", ".join(others)} cannot change on a running pipeline')
         self.sampler.set_rates(config.sample_fps, config.max_gap_s)
         if config.threads() != self.config.threads():
-            torch.set_num_threads(config.threads())
+            self.runner.set_threads(config.threads())
         self.config = config
 
     def reset(self) -> None:
@@ -151,11 +178,11 @@ class AnticipationPipeline:
 
     def _start_over(self) -> None:
         """Empty the memory for the sampler's current epoch."""
-        self.memory.reset()
+        self.runner.reset()
         self._epoch = self.sampler.epoch
         self._origin_ns = None
         self._newest = None
-        self._queries = None
+        self._stepped = False
         self._since_prediction = 0
 
     def push(self, image: np.ndarray, stamp_ns: int, frame_id: str = '', *,
@@ -184,14 +211,13 @@ class AnticipationPipeline:
 
         start = time.perf_counter()
         crop = resize_and_crop(image)
-        tokens = torch.from_numpy(self.encoder.run(crop[None])).to(self.device)  # (1, 49, 1280)
+        tokens = self.encoder.run(crop[None])  # (1, 49, 1280) float32
         encoded = time.perf_counter()
         if self._origin_ns is None:
             self._origin_ns = admission.time_ns
         now_s = (admission.time_ns - self._origin_ns) * 1e-9
-        with torch.inference_mode():
-            self._queries = self.model.step(tokens.to(_model_dtype(self.model)), now_s,
-                                            self.memory)
+        self.runner.step(tokens, now_s)
+        self._stepped = True
         stepped = time.perf_counter()
         self._latency = {'encoder': (encoded - start) * 1e3, 'memory': (stepped - encoded) * 1e3}
         self._newest = (int(stamp_ns), frame_id)
@@ -203,17 +229,16 @@ class AnticipationPipeline:
 
     def predict(self) -> Prediction | None:
         """A prediction from the memory as it stands (None before the first sampled frame)."""
-        if self._queries is None or self._newest is None:
+        if not self._stepped or self._newest is None:
             return None
         start = time.perf_counter()
-        with torch.inference_mode():
-            verb_p, noun_p, action_p = self._probabilities(self._queries)
-            verbs = _top_classes(verb_p, self.labels.verb_name)
-            nouns = _top_classes(noun_p, self.labels.noun_name)
-            if action_p is not None:
-                actions = self._top_actions_from_head(action_p)
-            else:
-                actions = self._top_actions_from_pairs(verb_p, noun_p)
+        verb_p, noun_p, action_p = self.runner.probabilities()
+        verbs = _top_classes(verb_p, self.labels.verb_name)
+        nouns = _top_classes(noun_p, self.labels.noun_name)
+        if action_p is not None:
+            actions = self._top_actions_from_head(action_p)
+        else:
+            actions = self._top_actions_from_pairs(verb_p, noun_p)
         heads_ms = (time.perf_counter() - start) * 1e3
         self._since_prediction = 0
         latency = {**self._latency, 'heads': heads_ms}
@@ -229,7 +254,7 @@ class AnticipationPipeline:
             latency_ms=latency,
             model_name=self.model_name,
             trained=self.trained,
-            checkpoint=self.config.checkpoint,
+            checkpoint=self.config.bundle or self.config.checkpoint,
         )
 
     def scores(self) -> StepScores | None:
@@ -238,68 +263,71 @@ class AnticipationPipeline:
         The numbers `predict()` ranks for its top 5, in full: what offline evaluation and the
         challenge submission need.
         """
-        if self._queries is None:
+        if not self._stepped:
             return None
-        with torch.inference_mode():
-            verb_p, noun_p, action_p = self._probabilities(self._queries)
-        return StepScores(verb_p.cpu().numpy(), noun_p.cpu().numpy(),
-                          None if action_p is None else action_p.cpu().numpy())
+        return StepScores(*self.runner.probabilities())
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _probabilities(self, queries: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Softmax of each head for one stream: verb [V], noun [N], action [A] or None."""
-        logits = self.model.classify(queries)
-        action = logits.action.float().softmax(-1)[0] if logits.action is not None else None
-        verb, noun = logits.verb.float().softmax(-1)[0], logits.noun.float().softmax(-1)[0]
-        for name, probs in (('verb', verb), ('noun', noun), ('action', action)):
-            # NaN would reach /malmm/actions as a JSON token strict parsers reject; never publish.
-            if probs is not None and not bool(torch.isfinite(probs).all()):
-                raise OutputError(f'the {name} head gave non-finite scores (broken weights or '
-                                  'input); prediction withheld')
-        return verb, noun, action
-
-    def _top_actions_from_head(self, probs: torch.Tensor) -> tuple[ActionScore, ...]:
-        scores, index = probs.topk(min(TOP_K, probs.numel()))
+    def _top_actions_from_head(self, probs: np.ndarray) -> tuple[ActionScore, ...]:
         out = []
-        for score, i in zip(scores.tolist(), index.tolist(), strict=True):
+        for i in _top_indices(probs):
             action = self.labels.actions[i]
-            out.append(ActionScore(action.id, action.verb_id, action.noun_id, action.name, score))
+            out.append(ActionScore(action.id, action.verb_id, action.noun_id, action.name,
+                                   float(probs[i])))
         return tuple(out)
 
-    def _top_actions_from_pairs(self, verb_p: torch.Tensor, noun_p: torch.Tensor
+    def _top_actions_from_pairs(self, verb_p: np.ndarray, noun_p: np.ndarray
                                 ) -> tuple[ActionScore, ...]:
-        pairs = top_pairs(verb_p.cpu().numpy(), noun_p.cpu().numpy(), TOP_K)
+        pairs = top_pairs(verb_p, noun_p, TOP_K)
         labels = self.labels
         return tuple(ActionScore(action_id(v, n), v, n,
                                  f'{labels.verb_name(v)} {labels.noun_name(n)}', score)
                      for v, n, score in pairs)
 
 
-def _top_classes(probs: torch.Tensor, name_of: Any) -> tuple[ClassScore, ...]:
-    scores, index = probs.topk(min(TOP_K, probs.numel()))
-    return tuple(ClassScore(i, name_of(i), s)
-                 for s, i in zip(scores.tolist(), index.tolist(), strict=True))
+def _top_indices(probs: np.ndarray) -> list[int]:
+    """Indices of the TOP_K largest, largest first (ties: the lower index first)."""
+    count = min(TOP_K, probs.size)
+    part = np.argpartition(-probs, count - 1)[:count]
+    return [int(i) for i in part[np.lexsort((part, -probs[part]))]]
 
 
-def _protocol_mismatches(config: AnticipateConfig) -> list[str]:
+def _top_classes(probs: np.ndarray, name_of: Any) -> tuple[ClassScore, ...]:
+    return tuple(ClassScore(i, name_of(i), float(probs[i])) for i in _top_indices(probs))
+
+
+def _check_bundle_model(config: AnticipateConfig, bundle: Bundle) -> None:
+    """ConfigError when the config's model section does not describe the bundle's model
+    (the same rule as for a checkpoint: model.* must match what it was trained as)."""
+    from malmm_ros.config import model_preset
+
+    stored = dict(bundle.model)
+    try:
+        found = model_preset(stored.pop('preset', 'edge'), **stored).architecture()
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f'bundle {bundle.path}: bad model section: {exc}') from None
+    wanted = config.model.architecture()
+    diffs = [f'{name}: config {wanted[name]!r} vs bundle {found[name]!r}'
+             for name in wanted if wanted[name] != found[name]]
+    if diffs:
+        raise ConfigError(f'bundle {bundle.path} does not match the config: '
+                          + '; '.join(diffs))
+
+
+def _protocol_mismatches(config: AnticipateConfig, stored: dict[str, Any],
+                         source: str) -> list[str]:
     """Where the config feeds the memory differently from how the checkpoint was trained.
 
     Not an error (experimenting with M or the rate is legitimate), but the model then meets a
     memory it never saw in training, so it is said once at start.
     """
-    stored = Protocol.stored(read_checkpoint_metadata(config.checkpoint))
     out = []
     for key, value in (('memory_bank_length', config.memory_bank_length),
                        ('sample_fps', config.sample_fps)):
         trained = stored.get(key)
         if isinstance(trained, int | float) and not isinstance(trained, bool) and \
                 float(trained) != float(value):
-            out.append(f'{key} is {value} but checkpoint {config.checkpoint} was trained with '
+            out.append(f'{key} is {value} but checkpoint {source} was trained with '
                        f'{trained}: predictions may be worse than its validation metrics')
     return out
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

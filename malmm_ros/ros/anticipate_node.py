@@ -15,6 +15,8 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -29,8 +31,6 @@ from std_srvs.srv import Trigger
 from malmm_ros.config import AnticipateConfig, field_specs
 from malmm_ros.errors import ConfigError, FrameError, MalmmError, OutputError
 from malmm_ros.imaging import decode_compressed, decode_image, encode_bgr8
-from malmm_ros.model.checkpoint import load_text_projector
-from malmm_ros.model.text import Description, GenerationOptions, TextDescriber
 from malmm_ros.pipeline import AnticipationPipeline, Prediction
 from malmm_ros.pipeline.sampler import Admission
 from malmm_ros.ros.description_worker import DescriptionWorker
@@ -44,7 +44,11 @@ from malmm_ros.ros.parameters import (
     declare_config_parameters,
     refuse_unknown_parameters,
 )
+from malmm_ros.runtime.bundle import BUNDLE_CHECKPOINT
 from malmm_ros.stamps import stamp_ns
+
+if TYPE_CHECKING:  # the text path needs torch; runtime onnx never loads it
+    from malmm_ros.model.text import Description, TextDescriber
 
 __all__ = ['AnticipateNode', 'main', 'run']
 
@@ -60,12 +64,17 @@ def _describer(config: AnticipateConfig) -> TextDescriber | None:
     """The text describer the config asks for (its projector from the checkpoint), or None."""
     if not config.text.enabled:
         return None
-    projector = load_text_projector(config.checkpoint) if config.checkpoint else None
+    from malmm_ros.model.checkpoint import load_text_projector
+    from malmm_ros.model.text import TextDescriber
+
+    checkpoint = config.checkpoint or (str(Path(config.bundle) / BUNDLE_CHECKPOINT)
+                                       if config.bundle else '')
+    projector = load_text_projector(checkpoint) if checkpoint else None
     return TextDescriber.from_config(config, projector=projector)
 
 
 # Settings whose change needs the describer loaded again (the rest only change its options).
-_DESCRIBER_SETTINGS = ('text.enabled', 'text.model_path', 'checkpoint', 'device',
+_DESCRIBER_SETTINGS = ('text.enabled', 'text.model_path', 'checkpoint', 'bundle', 'device',
                        'model.hidden_size')
 
 
@@ -219,6 +228,8 @@ class AnticipateNode(Node):
             self.text.describer = describer
             self._log_describer(describer)
         elif describer is not None:  # prompt, length, decoding: from the next description on
+            from malmm_ros.model.text import GenerationOptions
+
             describer.options = GenerationOptions.from_config(config.text)
         return SetParametersResult(successful=True)
 

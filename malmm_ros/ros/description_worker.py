@@ -13,12 +13,14 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from malmm_ros.model.text import Description, TextDescriber
+if TYPE_CHECKING:  # torch only where text is on: runtime onnx never imports it
+    import torch
+
+    from malmm_ros.model.text import Description, TextDescriber
 
 __all__ = ['DescriptionWorker']
 

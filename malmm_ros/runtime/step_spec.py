@@ -1,0 +1,123 @@
+"""What the exported step graph expects: its inputs, outputs and the memory shaped for it.
+
+Torch-free: the runtime (runtime/onnx_step.py) reads a `StepSpec` from a bundle's manifest,
+the exporter (runtime/step_export.py) writes it from a model. Names of the graph's inputs and
+outputs are made here only, so both sides agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from malmm_ros.errors import CheckpointError
+
+__all__ = ['StepSpec']
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """The step graphs' shapes and time settings (one stream, batch 1).
+
+    Two graphs: the projection (encoder tokens -> the visual bank's tokens and each
+    cross-attention layer's keys and values of the frame, written into the bank before the
+    step) and the step (every bank's rows -> each layer's query rows of this frame, the query
+    outputs and the heads' probabilities). Cached keys and values are head-major,
+    [heads, rows, width per head], as the attention reads them.
+    """
+
+    num_layers: int
+    num_heads: int
+    num_tokens: int  # encoder tokens per frame (49)
+    feature_dim: int  # encoder token width (1280)
+    encoder_width: int  # visual bank token width
+    hidden_size: int
+    num_queries: int
+    cross_layers: tuple[int, ...]  # layers that cross-attend to the visual bank
+    key_width: int  # cached key width per head of a cross-attention layer
+    value_width: int  # cached value width per head of a cross-attention layer (with decays)
+    decay_rates: tuple[float, ...]  # 1 / tau per timescale; () without decays
+    time_buckets: int
+    max_age_s: float
+    has_action_head: bool
+
+    # -- names ------------------------------------------------------------------------------
+
+    def visual_fields(self) -> dict[str, tuple[int, int]]:
+        """Visual bank fields: name -> (heads, width per head)."""
+        out = {'tokens': (1, self.encoder_width)}
+        for layer in self.cross_layers:
+            out[f'cross{layer}_k'] = (self.num_heads, self.key_width)
+            out[f'cross{layer}_v'] = (self.num_heads, self.value_width)
+        return out
+
+    def decay_fields(self) -> list[str]:
+        """Visual bank fields whose heads end with the decays."""
+        return [f'cross{layer}_v' for layer in self.cross_layers] if self.decay_rates else []
+
+    def query_fields(self) -> dict[str, tuple[int, int]]:
+        """Query bank fields (one bank per layer): the layer's input queries and its
+        self-attention's cached keys and values."""
+        per_head = self.hidden_size // self.num_heads
+        return {'tokens': (1, self.hidden_size), 'k': (self.num_heads, per_head),
+                'v': (self.num_heads, per_head)}
+
+    def projection_inputs(self) -> list[str]:
+        return ['tokens'] + (['decay_fresh'] if self.decay_rates else [])
+
+    def projection_outputs(self) -> list[str]:
+        return [name if name != 'tokens' else 'visual' for name in self.visual_fields()]
+
+    def step_inputs(self) -> list[str]:
+        names = ['visual_buckets', 'visual_places', 'visual_mask']
+        names += ['decay_scale'] if self.decay_rates else []
+        names += [name for name in self.visual_fields() if name != 'tokens']
+        for layer in range(self.num_layers):
+            names += [f'query{layer}_{part}' for part in ('buckets', 'places', 'mask', 'k', 'v')]
+        return names
+
+    def step_outputs(self) -> list[str]:
+        names = []
+        for layer in range(self.num_layers):
+            names += [f'query{layer}_{part}_new' for part in ('tokens', 'k', 'v')]
+        names += ['queries', 'verb', 'noun']
+        return names + (['action'] if self.has_action_head else [])
+
+    # -- manifest ---------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out['cross_layers'] = list(self.cross_layers)
+        out['decay_rates'] = list(self.decay_rates)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = 'manifest') -> StepSpec:
+        if not isinstance(data, dict):
+            raise CheckpointError(f'{source}: step spec is not an object')
+        names = {f.name for f in fields(cls)}
+        missing, unknown = names - set(data), set(data) - names
+        if missing or unknown:
+            raise CheckpointError(f'{source}: step spec missing {sorted(missing)}, unknown '
+                                  f'{sorted(unknown)}')
+        try:
+            values = dict(data)
+            values['cross_layers'] = tuple(int(v) for v in data['cross_layers'])
+            values['decay_rates'] = tuple(float(v) for v in data['decay_rates'])
+            for name in ('num_layers', 'num_heads', 'num_tokens', 'feature_dim',
+                         'encoder_width', 'hidden_size', 'num_queries', 'key_width',
+                         'value_width', 'time_buckets'):
+                if isinstance(data[name], bool) or not isinstance(data[name], int) \
+                        or not 0 <= data[name] <= 1 << 16:
+                    raise ValueError(f'{name} = {data[name]!r}')
+            values['max_age_s'] = float(data['max_age_s'])
+            values['has_action_head'] = bool(data['has_action_head'])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f'{source}: bad step spec ({exc})') from None
+        spec = cls(**values)
+        if spec.num_layers < 1 or spec.time_buckets < 2 or not spec.max_age_s > 0 or \
+                spec.num_heads < 1 or spec.hidden_size % spec.num_heads or \
+                any(not 0 <= i < spec.num_layers for i in spec.cross_layers) or \
+                any(not r > 0 for r in spec.decay_rates):
+            raise CheckpointError(f'{source}: inconsistent step spec {data}')
+        return spec
