@@ -17,9 +17,7 @@ from support.runtime_venvs import runtime_env
 pytestmark = pytest.mark.slow  # builds two venvs on the first run, then starts interpreters
 
 # The modules of the torch-free runtime path: each robot Python imports them with torch and
-# transformers unimportable. Extend it as modules join the path. Not on it yet:
-# malmm_ros.pipeline.sampler and .prediction (malmm_ros/pipeline/__init__.py imports
-# anticipation.py, which imports torch).
+# transformers unimportable. Extend it as modules join the path.
 TORCH_FREE_MODULES = (
     'malmm_ros.config',
     'malmm_ros.decode_limits',
@@ -28,6 +26,8 @@ TORCH_FREE_MODULES = (
     'malmm_ros.labels',
     'malmm_ros.protocol',
     'malmm_ros.stamps',
+    'malmm_ros.pipeline.prediction',
+    'malmm_ros.pipeline.sampler',
     'malmm_ros.runtime',
     'malmm_ros.runtime.engine_cache',
     'malmm_ros.ros.diagnostics',
