@@ -33,8 +33,9 @@ _MAX_LOG_DECAY = 16.0
 def age_buckets(ages_s: np.ndarray, num_buckets: int, max_age_s: float) -> np.ndarray:
     """model/time_encoding.py `age_buckets` in numpy (float64, int64 out)."""
     log_scale = (num_buckets - 2) / math.log1p(max_age_s)
-    log_age = np.minimum(np.log1p(np.maximum(ages_s, 0.0)), 2 * math.log1p(max_age_s))
-    past = 1 + np.minimum(np.floor(log_age * log_scale), num_buckets - 2).astype(np.int64)
+    with np.errstate(invalid='ignore'):  # NaN ages land in bucket 0, as in torch
+        log_age = np.minimum(np.log1p(np.maximum(ages_s, 0.0)), 2 * math.log1p(max_age_s))
+        past = 1 + np.minimum(np.floor(log_age * log_scale), num_buckets - 2).astype(np.int64)
     return np.where(ages_s > 0, past, 0)
 
 
@@ -93,7 +94,7 @@ class NumpyBank:
         self.counts = np.zeros(shape)
         self.times = np.zeros(shape)
         self.order = np.broadcast_to(self._entry, shape).copy()
-        self.sims = np.zeros(shape, np.float32)
+        self.sims = np.zeros(shape, self._rates.dtype)  # the storage's type, as the reference
         self.newest = np.zeros(shape[::2], np.int64)  # (G, P) physical slot of the newest
         self._free = np.zeros(shape[::2], np.int64)
         self.length = 0
@@ -213,7 +214,7 @@ class NumpyBank:
         counts, times = self.counts.reshape(-1), self.times.reshape(-1)
         c_keep, c_drop = counts[keep_cells], counts[drop_cells]
         w_drop = c_drop / (c_keep + c_drop)  # float64, as the reference
-        weight = w_drop.astype(self.sims.dtype)[:, None, :, None]  # (G, 1, P, 1)
+        weight = w_drop.astype(self._rates.dtype)[:, None, :, None]  # (G, 1, P, 1)
         merged_tokens = None
         for name, flat in self._flat.items():
             keep_rows = self._rows(name, keep)

@@ -6,7 +6,8 @@ a CPU spends no Python time on them and every backend (ONNX Runtime, TensorRT) g
 numbers as `malmm_ros.model.encoder.normalize` followed by the torch network.
 
 The export is cached in the engine folder (`open_onnx`, `ensure_onnx`): made on first use and
-made again when the cached file turns out corrupt.
+made again when the cached file turns out corrupt. The names and the cache live in the torch-free
+`onnx_files`; they stay importable from here for existing callers.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import onnx
 import torch
@@ -34,17 +33,19 @@ from malmm_ros.model.encoder import (
     EfficientNetLite0,
     efficientnet_lite0,
 )
-from malmm_ros.runtime.engine_cache import CACHE_HINT, ensure_cache_dir
+from malmm_ros.runtime.onnx_files import (
+    INPUT_NAME,
+    ONNX_FILENAME,
+    OUTPUT_NAME,
+    default_engine_dir,
+    ensure_onnx,
+    open_onnx,
+)
 
 __all__ = ['INPUT_NAME', 'ONNX_FILENAME', 'OUTPUT_NAME', 'EncoderGraph', 'default_engine_dir',
            'ensure_onnx', 'export_onnx', 'open_onnx']
 
-INPUT_NAME = 'frames'
-OUTPUT_NAME = 'tokens'
-ONNX_FILENAME = 'efficientnet_lite0.onnx'
 _log = logging.getLogger(__name__)
-
-T = TypeVar('T')
 
 
 class EncoderGraph(nn.Module):
@@ -59,20 +60,6 @@ class EncoderGraph(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = (frames.float() - self.mean) / self.std  # (B, H, W, 3)
         return self.network.tokens(x.permute(0, 3, 1, 2))  # (B, 3, H, W) -> (B, 49, 1280)
-
-
-def default_engine_dir() -> Path:
-    """Where exported and compiled encoders are cached.
-
-    $MALMM_ENGINE_DIR if set; else the repository's engines/ folder in a source checkout; else
-    ~/.cache/malmm_ros/engines (an installed package cannot write its share folder).
-    """
-    if os.environ.get('MALMM_ENGINE_DIR'):
-        return Path(os.environ['MALMM_ENGINE_DIR'])
-    checkout = Path(__file__).resolve().parents[2] / 'engines'
-    if checkout.is_dir() and os.access(checkout, os.W_OK):
-        return checkout
-    return Path.home() / '.cache' / 'malmm_ros' / 'engines'
 
 
 def export_onnx(path: str | os.PathLike, *, opset: int = 17) -> Path:
@@ -119,64 +106,3 @@ def export_onnx(path: str | os.PathLike, *, opset: int = 17) -> Path:
     _log.info('exported encoder to %s (opset %d, %d tokens x %d)', path, opset, NUM_TOKENS,
               FEATURE_DIM)
     return path
-
-
-def _one_line(exc: BaseException) -> str:
-    """`exc` as one line (ONNX Runtime and onnx messages can span several)."""
-    return ' '.join(str(exc).split()) or type(exc).__name__
-
-
-def open_onnx(onnx_path: str | os.PathLike | None, engine_dir: str | os.PathLike | None,
-              load: Callable[[Path], T]) -> tuple[Path, T]:
-    """(path, load(path)) for the user's ONNX file `onnx_path`, else for the cached export.
-
-    The cached export lives in `engine_dir` (default: `default_engine_dir()`) and is made on first
-    use. A cached file that `load` rejects (truncated, garbage, empty) is exported again once,
-    atomically, and loaded again, as a TensorRT engine that fails to deserialize is rebuilt. A
-    user's file is never overwritten: a failure to load it is a CheckpointError naming it.
-    `load` may raise anything for a file it cannot use.
-    """
-    if onnx_path:
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise CheckpointError(f'ONNX file {path} does not exist (export it with '
-                                  '`malmm-export onnx --out PATH`)')
-        try:
-            return path, load(path)
-        except Exception as exc:  # a bad file fails in the loader's own exception types
-            raise CheckpointError(f'cannot load ONNX file {path} (given as onnx_path, so not '
-                                  f're-exported): {_one_line(exc)}') from None
-    directory = ensure_cache_dir(engine_dir or default_engine_dir())
-    path = directory / ONNX_FILENAME
-    first_failure = None
-    if path.is_file():
-        try:
-            return path, load(path)
-        except Exception as exc:
-            first_failure = _one_line(exc)
-            _log.warning('cached ONNX export %s failed to load (%s): exporting it again', path,
-                         first_failure)
-    else:
-        _log.info('no exported encoder at %s: exporting it once (a few seconds)', path)
-    try:
-        export_onnx(path)
-    except ConfigError as exc:  # only a write failure: say which setting to change
-        raise ConfigError(f'{exc}; {CACHE_HINT}') from None
-    try:
-        return path, load(path)
-    except Exception as exc:
-        earlier = (f'; before re-exporting it failed with: {first_failure}' if first_failure
-                   else '')
-        raise CheckpointError(f'cannot load freshly exported ONNX file {path}: '
-                              f'{_one_line(exc)}{earlier}') from None
-
-
-def _check_onnx(path: Path) -> None:
-    onnx.checker.check_model(str(path))  # parses the file: raises for truncated or garbage bytes
-
-
-def ensure_onnx(onnx_path: str | os.PathLike | None = None,
-                engine_dir: str | os.PathLike | None = None) -> Path:
-    """The encoder's ONNX file, checked with onnx.checker: `onnx_path`, or the export cached in
-    `engine_dir` (exported on first use, exported again once if the cached file is corrupt)."""
-    return open_onnx(onnx_path, engine_dir, _check_onnx)[0]

@@ -98,7 +98,9 @@ class OnnxStep:
                          else rows[None, None])
         buckets, places, mask = visual.attention_inputs(now_s, spec.time_buckets,
                                                         spec.max_age_s, mask_newest=False)
-        feeds = {'visual_buckets': buckets[0], 'visual_places': places[0], 'visual_mask': mask[0]}
+        feeds = {'visual_buckets': buckets[0], 'visual_mask': mask[0]}
+        if spec.order_bias:
+            feeds['visual_places'] = places[0]
         if spec.decay_rates:
             self._decay_scale[-len(spec.decay_rates):] = visual.scale
             feeds['decay_scale'] = self._decay_scale
@@ -109,8 +111,9 @@ class OnnxStep:
                                                          spec.max_age_s, mask_newest=True)
         for layer in range(spec.num_layers):
             prefix = f'query{layer}'
-            feeds[f'{prefix}_buckets'], feeds[f'{prefix}_places'] = buckets[layer], places[layer]
-            feeds[f'{prefix}_mask'] = mask[layer]
+            feeds[f'{prefix}_buckets'], feeds[f'{prefix}_mask'] = buckets[layer], mask[layer]
+            if spec.order_bias:
+                feeds[f'{prefix}_places'] = places[layer]
             feeds[f'{prefix}_k'] = queries.rows('k', layer)
             feeds[f'{prefix}_v'] = queries.rows('v', layer)
         results = step.run(None, feeds)

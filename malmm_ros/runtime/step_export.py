@@ -56,7 +56,7 @@ def step_spec(model: MalmmModel) -> StepSpec:
         key_width=per_head, value_width=per_head,
         decay_rates=decay_rates(config.value_decays) if config.value_decays else (),
         time_buckets=config.time_buckets, max_age_s=config.max_age_s,
-        has_action_head=model.heads.action is not None)
+        order_bias=config.order_bias, has_action_head=model.heads.action is not None)
 
 
 def _cached_width(attention: MemoryAttention) -> int:
@@ -123,14 +123,14 @@ class StepGraph(nn.Module):
                              torch.cat([named[f'{prefix}_k'], key], dim=1),
                              torch.cat([named[f'{prefix}_v'], value], dim=1),
                              _bias(attention, named[f'{prefix}_buckets'],
-                                   named[f'{prefix}_places'], named[f'{prefix}_mask'],
+                                   named.get(f'{prefix}_places'), named[f'{prefix}_mask'],
                                    hidden.shape[0]), None)
             if layer.cross_attention is not None:
                 attention = layer.cross_attention
                 hidden = _attend(attention, hidden, named[f'cross{index}_k'],
                                  named[f'cross{index}_v'],
                                  _bias(attention, named['visual_buckets'],
-                                       named['visual_places'], named['visual_mask'], 0),
+                                       named.get('visual_places'), named['visual_mask'], 0),
                                  named.get('decay_scale'))
             hidden = layer.feed_forward(hidden)
         logits = self.model.heads(hidden.unsqueeze(0))
@@ -140,13 +140,13 @@ class StepGraph(nn.Module):
         return tuple(out)
 
 
-def _bias(attention: MemoryAttention, buckets: torch.Tensor, places: torch.Tensor,
+def _bias(attention: MemoryAttention, buckets: torch.Tensor, places: torch.Tensor | None,
           mask: torch.Tensor, current: int) -> torch.Tensor:
     """[heads, 1, rows (+ current)]: each stored row's age-bucket bias, order term and mask,
     then `current` rows of age 0 (bucket 0, place 0)."""
     table = attention.time_bias.table.T  # (h, buckets)
     bias = table.index_select(1, buckets)  # (h, rows)
-    if attention.order_bias is not None:
+    if attention.order_bias is not None and places is not None:
         bias = bias + attention.order_bias.slope.unsqueeze(1) * places
     bias = bias + mask
     if current:

@@ -39,6 +39,7 @@ class StepSpec:
     decay_rates: tuple[float, ...]  # 1 / tau per timescale; () without decays
     time_buckets: int
     max_age_s: float
+    order_bias: bool  # the attention reads each row's place in the order
     has_action_head: bool
 
     # -- names ------------------------------------------------------------------------------
@@ -69,11 +70,12 @@ class StepSpec:
         return [name if name != 'tokens' else 'visual' for name in self.visual_fields()]
 
     def step_inputs(self) -> list[str]:
-        names = ['visual_buckets', 'visual_places', 'visual_mask']
+        bias = ('buckets', 'places', 'mask') if self.order_bias else ('buckets', 'mask')
+        names = [f'visual_{part}' for part in bias]
         names += ['decay_scale'] if self.decay_rates else []
         names += [name for name in self.visual_fields() if name != 'tokens']
         for layer in range(self.num_layers):
-            names += [f'query{layer}_{part}' for part in ('buckets', 'places', 'mask', 'k', 'v')]
+            names += [f'query{layer}_{part}' for part in (*bias, 'k', 'v')]
         return names
 
     def step_outputs(self) -> list[str]:
@@ -111,7 +113,9 @@ class StepSpec:
                         or not 0 <= data[name] <= 1 << 16:
                     raise ValueError(f'{name} = {data[name]!r}')
             values['max_age_s'] = float(data['max_age_s'])
-            values['has_action_head'] = bool(data['has_action_head'])
+            for name in ('order_bias', 'has_action_head'):
+                if not isinstance(data[name], bool):
+                    raise ValueError(f'{name} = {data[name]!r}')
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f'{source}: bad step spec ({exc})') from None
         spec = cls(**values)
