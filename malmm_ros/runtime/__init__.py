@@ -27,8 +27,10 @@ class EncoderRunner(Protocol):
 
 
 def _cuda_available() -> bool:
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # a torch-free install (requirements-runtime.txt): no torch CUDA either
+        return False
     return torch.cuda.is_available()
 
 
@@ -41,6 +43,7 @@ def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
     on CUDA, ONNX Runtime on the CPU; it logs what it chose and why. `engine_dir` (default:
     `default_engine_dir()`) caches the ONNX export and TensorRT engines; the torch backend needs
     no files and ignores it. A cache folder that cannot be created or read is a ConfigError.
+    `precision`: fp32, fp16 or int8 for TensorRT; int8 or fp32 (anything else) for ONNX Runtime.
     """
     if backend not in BACKENDS:
         raise ConfigError(f'unknown encoder backend {backend!r}; choose one of {list(BACKENDS)}')
@@ -56,9 +59,11 @@ def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
 
         providers = (['CUDAExecutionProvider', 'CPUExecutionProvider'] if device == 'cuda'
                      else ['CPUExecutionProvider'])
+        # fp16 (the TensorRT default) and auto mean fp32 here: ONNX Runtime runs fp32 or int8.
         return OnnxRuntimeEncoder(onnx_path, engine_dir=engine_dir, threads=threads,
-                                  providers=providers)
-    from malmm_ros.runtime.onnx_export import default_engine_dir, ensure_onnx
+                                  providers=providers,
+                                  precision='int8' if precision == 'int8' else 'fp32')
+    from malmm_ros.runtime.onnx_files import default_engine_dir, ensure_onnx
     from malmm_ros.runtime.tensorrt_encoder import TensorRTEncoder, tensorrt_available
 
     available, why = tensorrt_available()
