@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +29,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.path.is_relative_to(TEST_DIR) and \
                 item.path.relative_to(TEST_DIR).as_posix() in DOMAINS:
             item.add_marker(pytest.mark.dds)
+
+
+@pytest.fixture(scope='session')
+def edge_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the config's untrained edge model (malmm-export bundle with its defaults:
+    real encoder weights, INT8 calibrated on the sample photos), made once per session; tests
+    that use it are slow (export and quantization take tens of seconds)."""
+    from malmm_ros.config import AnticipateConfig
+    from malmm_ros.runtime.bundle_export import write_bundle
+
+    out = tmp_path_factory.mktemp('edge_bundle') / 'bundle'
+    return write_bundle(out, AnticipateConfig()).path

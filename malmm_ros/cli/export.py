@@ -1,11 +1,18 @@
-"""malmm-export: export the encoder to ONNX, compile a TensorRT engine, or write an untrained
-checkpoint.
+"""malmm-export: write a deployable bundle, export the encoder to ONNX, compile a TensorRT
+engine, or write an untrained checkpoint.
 
+    malmm-export bundle --out DIR [--checkpoint CK] [--calib BAG_OR_DIR] [--calib-frames N]
+                        [--config YAML] [--force]
     malmm-export onnx [--out engines/efficientnet_lite0.onnx] [--opset 17]
     malmm-export engine [--precision fp16|int8|fp32] [--calib BAG_OR_DIR] [--onnx PATH]
                         [--engine-dir DIR]
     malmm-export checkpoint --untrained --out OUT.safetensors [--config YAML]
                             [--labels-dir DIR] [--force]
+
+A bundle (malmm_ros/runtime/bundle.py) is what a robot runs with `runtime: onnx` and no torch:
+the encoder in fp32 and INT8 (calibrated on real frames: a bag, an image folder or, by default,
+the package's sample photos), the step graphs, the checkpoint and a manifest with every file's
+sha256. Without --checkpoint it holds the config's untrained model, marked so.
 
 The untrained checkpoint holds the seeded random model the node runs without a checkpoint, in
 the config's architecture: enough to smoke-test malmm-eval and the node before any training.
@@ -53,6 +60,20 @@ def calibration_frames(source: str | Path, limit: int) -> Iterator[np.ndarray]:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='malmm-export', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='what', required=True)
+    bundle = sub.add_parser('bundle', help='write a deployable bundle folder (encoders, step '
+                            'graphs, checkpoint, manifest)')
+    bundle.add_argument('--out', required=True, metavar='DIR')
+    bundle.add_argument('--checkpoint', default=None, metavar='CK.safetensors',
+                        help='trained checkpoint (default: the config\'s untrained model)')
+    bundle.add_argument('--calib', default=None, metavar='BAG_OR_DIR',
+                        help='INT8 calibration frames: a rosbag2 or an image folder (default: '
+                             'the package\'s sample photos)')
+    bundle.add_argument('--calib-frames', type=int, default=200,
+                        help='at most this many calibration frames (default 200)')
+    bundle.add_argument('--config', default=None, metavar='YAML',
+                        help='node config whose model section, memory length and labels to use '
+                             '(default config/anticipate.yaml when it exists)')
+    bundle.add_argument('--force', action='store_true', help='replace an existing DIR')
     onnx = sub.add_parser('onnx', help='export the encoder (with preprocessing) to ONNX')
     onnx.add_argument('--out', default=None, help=f'default: <engine dir>/{ONNX_FILENAME}')
     onnx.add_argument('--opset', type=int, default=17)
@@ -113,10 +134,35 @@ def _untrained_checkpoint(args: argparse.Namespace) -> Path:
     return save_untrained_checkpoint(out, config)
 
 
+def _bundle(args: argparse.Namespace) -> str:
+    from malmm_ros.config import load_config
+    from malmm_ros.runtime.bundle_export import write_bundle
+
+    if not 1 <= args.calib_frames <= 100_000:
+        raise ConfigError(f'--calib-frames must be 1 to 100000, got {args.calib_frames}')
+    source = args.config if args.config is not None else (
+        _DEFAULT_CONFIG if _DEFAULT_CONFIG.is_file() else None)
+    config = load_config(source)
+    frames = None
+    if args.calib:
+        frames = list(calibration_frames(args.calib, args.calib_frames))
+        if not frames:
+            raise ConfigError(f'--calib {args.calib} holds no usable frames')
+    bundle = write_bundle(args.out, config, checkpoint=args.checkpoint, calibration=frames,
+                          calibration_source=args.calib or 'sample photos', force=args.force)
+    state = 'trained' if bundle.trained else 'UNTRAINED (chance-level predictions)'
+    return (f'wrote bundle {bundle.path}: {state}, {bundle.manifest["calibration"]["frames"]} '
+            'calibration frames; run it with runtime: onnx, bundle: '
+            f'{bundle.path.resolve()}')
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s: %(message)s')
     try:
+        if args.what == 'bundle':
+            print(_bundle(args))
+            return 0
         if args.what == 'checkpoint':
             path = _untrained_checkpoint(args)
             print(f'wrote {path}: UNTRAINED (seeded random weights, chance-level predictions; '

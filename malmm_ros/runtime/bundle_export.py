@@ -102,6 +102,7 @@ def write_bundle(out: str | os.PathLike, config: AnticipateConfig, *,
             'files': {},
         }
         for name in sorted(p.name for p in work.iterdir()):
+            (work / name).chmod(0o644)  # temp files are 0600; a bundle is for other users too
             manifest['files'][name] = {'sha256': file_digest(work / name),
                                        'bytes': (work / name).stat().st_size}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + '\n')

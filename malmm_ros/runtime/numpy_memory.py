@@ -43,9 +43,10 @@ class NumpyBank:
     """Up to `capacity` slots of `positions` token positions, in `groups` independent banks.
 
     `fields`: name -> (heads, width per head), 'tokens' (what MBC compares, one head) among
-    them. The last len(decay_rates) channels of each head of the `decay_fields` hold the
-    decays, relative to a reference time (model/memory.py says why); `fresh` and `scale` are
-    this step's factors (stored decays of a new frame; stored -> now).
+    them. `decay_fields`: name -> first head whose last len(decay_rates) channels hold the
+    decays (that head and every later one), relative to a reference time (model/memory.py
+    says why); `fresh` and `scale` are this step's factors (stored decays of a new frame;
+    stored -> now).
 
     Slots are addressed as in model/memory.py: `order[g, t, p]` is the physical slot of the
     t-th oldest frame of position p, and a merge frees one physical slot per (group, position)
@@ -55,7 +56,8 @@ class NumpyBank:
 
     def __init__(self, capacity: int, positions: int, fields: Mapping[str, tuple[int, int]], *,
                  groups: int = 1, decay_rates: Sequence[float] = (),
-                 decay_fields: Sequence[str] = (), dtype: type = np.float32) -> None:
+                 decay_fields: Mapping[str, int] | None = None,
+                 dtype: type = np.float32) -> None:
         if capacity < 1 or positions < 1 or groups < 1:
             raise ValueError(f'capacity, positions and groups must be >= 1, got {capacity}, '
                              f'{positions}, {groups}')
@@ -67,12 +69,12 @@ class NumpyBank:
                      for name, (heads, width) in fields.items()}
         self._flat = {name: array.reshape(-1, array.shape[-1])
                       for name, array in self.data.items()}
-        self.decay_fields = tuple(decay_fields)
+        self.decay_fields = dict(decay_fields or {})
         self.num_decays = len(decay_rates)
-        for name in self.decay_fields:
-            if fields[name][1] < self.num_decays:
-                raise ValueError(f'decay field {name!r} of {fields[name][1]} channels per head '
-                                 f'cannot hold {self.num_decays} decays')
+        for name, first in self.decay_fields.items():
+            if not 0 <= first < fields[name][0] or fields[name][1] < self.num_decays:
+                raise ValueError(f'decay field {name!r} of {fields[name]} (heads, channels) '
+                                 f'cannot hold {self.num_decays} decays from head {first}')
         # As model/memory.py: float64 rates cast to the storage type, the factors in it.
         self._rates = np.asarray(decay_rates, np.float64).astype(dtype)
         self._max_rate = max(decay_rates, default=0.0)
@@ -115,8 +117,9 @@ class NumpyBank:
         return self._base + slots * self.positions
 
     def _rows(self, name: str, slots: np.ndarray) -> np.ndarray:
-        """Row numbers in field `name`'s flat view of physical `slots` [G, P]: [G, H, P]."""
-        return self._row_base[self._heads[name]] + (slots * self.positions)[:, None]
+        """Row numbers in field `name`'s flat view of physical `slots` [..., G, P]:
+        [..., G, H, P]."""
+        return self._row_base[self._heads[name]] + np.expand_dims(slots * self.positions, -2)
 
     def _order_at(self, entries: np.ndarray) -> np.ndarray:
         """Physical slots of the order's `entries` [G, P] (t-th oldest per position)."""
@@ -153,8 +156,8 @@ class NumpyBank:
             self._compress()
 
     def _tokens(self, slots: np.ndarray) -> np.ndarray:
-        """Tokens at physical `slots` [G, P] -> [G, P, C]."""
-        return self._flat['tokens'][self._rows('tokens', slots)[:, 0]]
+        """Tokens at physical `slots` [..., G, P] -> [..., G, P, C]."""
+        return self._flat['tokens'][self._rows('tokens', slots)[..., 0, :]]
 
     # -- what the graphs read ---------------------------------------------------------------
 
@@ -193,8 +196,8 @@ class NumpyBank:
             self._last_time = time_s
             if (time_s - self._decay_ref) * self._max_rate > _MAX_LOG_DECAY:
                 shift = self._exp(self._decay_ref - time_s)
-                for name in self.decay_fields:
-                    self.data[name][..., -self.num_decays:] *= shift
+                for name, first in self.decay_fields.items():
+                    self.data[name][:, first:, ..., -self.num_decays:] *= shift
                 self._decay_ref = time_s
         self.fresh = self._exp(self._last_time - self._decay_ref)
         self.scale = np.reciprocal(self.fresh)
@@ -234,15 +237,18 @@ class NumpyBank:
         self.order = self.order.reshape(-1)[source_cells]
         self.sims = self.sims.reshape(-1)[source_cells]
         self.length = length - 1
-        # Pairs (k - 1, k) and (k, k + 1) of the new order hold the merged slot.
+        # Pairs (k - 1, k) and (k, k + 1) of the new order hold the merged slot: both
+        # neighbours' similarities in one gather and one cosine.
         assert merged_tokens is not None
+        before, after = np.maximum(k - 1, 0), np.minimum(k + 1, self.length - 1)
+        neighbours = self._tokens(self._order_at(np.stack([before, after])))  # (2, G, P, C)
+        fresh = _cosine(neighbours, merged_tokens)  # (2, G, P)
         sims = self.sims.reshape(-1)
-        for neighbour, valid, pair in ((np.maximum(k - 1, 0), k > 0, np.maximum(k - 1, 0)),
-                                       (np.minimum(k + 1, self.length - 1),
-                                        k + 1 < self.length, k)):
-            fresh = _cosine(self._tokens(self._order_at(neighbour)), merged_tokens)
-            cells = self._cells(pair)
-            sims[cells] = np.where(valid, fresh, sims[cells])
+        cells = self._cells(np.stack([before, k]))  # pair (k-1, k) sits at k-1, (k, k+1) at k
+        valid = np.stack([k > 0, k + 1 < self.length])
+        # Two writes, in this order: with k == 0 both pairs name cell k (the first keeps it).
+        for index in (0, 1):
+            sims[cells[index]] = np.where(valid[index], fresh[index], sims[cells[index]])
         self._free = drop
         self.compressions += 1
 
@@ -263,14 +269,15 @@ class NumpyMemory:
 
     `visual_fields` / `query_fields`: name -> (heads, width per head), 'tokens' and the cached
     keys and values of the attention layers reading each bank (runtime/step_spec.py names
-    them); the decays ride in the last channels of each head of `visual_decay_fields`.
+    them); the decays ride in the last channels of the heads of `visual_decay_fields` (name ->
+    first such head).
     """
 
     def __init__(self, capacity: int, *, num_layers: int, num_tokens: int, num_queries: int,
                  visual_fields: Mapping[str, tuple[int, int]],
                  query_fields: Mapping[str, tuple[int, int]],
                  decay_rates: Sequence[float] = (),
-                 visual_decay_fields: Sequence[str] = ()) -> None:
+                 visual_decay_fields: Mapping[str, int] | None = None) -> None:
         self.visual = NumpyBank(capacity, num_tokens, visual_fields, decay_rates=decay_rates,
                                 decay_fields=visual_decay_fields)
         self.query_bank = NumpyBank(capacity, num_queries, query_fields, groups=num_layers)

@@ -94,8 +94,10 @@ class OnnxStep:
             feeds['decay_fresh'] = visual.fresh
         for name, rows in zip(spec.projection_outputs(), projection.run(None, feeds),
                               strict=True):
-            visual.write('tokens' if name == 'visual' else name, rows[None] if rows.ndim == 3
-                         else rows[None, None])
+            if name == 'visual':
+                visual.write('tokens', rows[None, None])  # (N, C) -> (G, H, N, C)
+            else:
+                visual.write(name, rows[None])  # (2h, N, w): keys, then values
         buckets, places, mask = visual.attention_inputs(now_s, spec.time_buckets,
                                                         spec.max_age_s, mask_newest=False)
         feeds = {'visual_buckets': buckets[0], 'visual_mask': mask[0]}
@@ -104,9 +106,10 @@ class OnnxStep:
         if spec.decay_rates:
             self._decay_scale[-len(spec.decay_rates):] = visual.scale
             feeds['decay_scale'] = self._decay_scale
-        for name in spec.visual_fields():
-            if name != 'tokens':
-                feeds[name] = visual.rows(name)
+        heads = spec.num_heads
+        for layer in spec.cross_layers:  # the keys' and the values' heads: contiguous views
+            rows = visual.rows(f'cross{layer}')
+            feeds[f'cross{layer}_k'], feeds[f'cross{layer}_v'] = rows[:heads], rows[heads:]
         buckets, places, mask = queries.attention_inputs(now_s, spec.time_buckets,
                                                          spec.max_age_s, mask_newest=True)
         for layer in range(spec.num_layers):
@@ -114,17 +117,16 @@ class OnnxStep:
             feeds[f'{prefix}_buckets'], feeds[f'{prefix}_mask'] = buckets[layer], mask[layer]
             if spec.order_bias:
                 feeds[f'{prefix}_places'] = places[layer]
-            feeds[f'{prefix}_k'] = queries.rows('k', layer)
-            feeds[f'{prefix}_v'] = queries.rows('v', layer)
+            rows = queries.rows('kv', layer)
+            feeds[f'{prefix}_k'], feeds[f'{prefix}_v'] = rows[:heads], rows[heads:]
         results = step.run(None, feeds)
         layers = spec.num_layers
-        for part, index in (('tokens', 0), ('k', 1), ('v', 2)):
-            rows = np.stack([results[3 * layer + index] for layer in range(layers)])
-            queries.write(part, rows if rows.ndim == 4 else rows[:, None])
+        queries.write('tokens', np.stack(results[0:2 * layers:2])[:, None])  # (L, 1, Q, D)
+        queries.write('kv', np.stack(results[1:2 * layers:2]))  # (L, 2h, Q, w)
         queries.commit()
         visual.commit()
-        self.queries = results[3 * layers][None]
-        self._probabilities = tuple(results[3 * layers + 1:])
+        self.queries = results[2 * layers][None]
+        self._probabilities = tuple(results[2 * layers + 1:])
         return self.queries
 
     def probabilities(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -92,7 +92,7 @@ class ProjectionGraph(nn.Module):
             if attention.num_decays:
                 fresh = named['decay_fresh'].view(1, 1, -1).expand(heads, visual.shape[0], -1)
                 value = torch.cat([value, fresh], dim=-1)
-            out += [key, value]
+            out.append(torch.cat([key, value]))  # (2h, N, w): the bank's field
         return tuple(out)
 
 
@@ -115,7 +115,7 @@ class StepGraph(nn.Module):
             heads = attention.num_heads
             key = _heads(F.linear(hidden, *attention._weights()[1]), heads)  # (h, Q, w)
             value = _heads(attention.value(hidden), heads)
-            out += [hidden, key, value]
+            out += [hidden, torch.cat([key, value])]
             prefix = f'query{index}'
             # The current queries are not in the bank yet: their rows join here (age 0,
             # place 0: bucket 0 and no order term).
@@ -184,13 +184,14 @@ def example_inputs(spec: StepSpec, capacity: int) -> dict[str, torch.Tensor]:
         values[f'{prefix}_buckets'] = torch.zeros(rows, dtype=torch.long)
         values[f'{prefix}_places'] = torch.zeros(rows)
         values[f'{prefix}_mask'] = torch.full((rows,), -1.0e4)
-    for name, (heads, width) in spec.visual_fields().items():
-        if name != 'tokens':  # the bank's tokens are not a graph input
-            values[name] = torch.zeros(heads, visual_rows, width)
+    for layer in spec.cross_layers:
+        for part in ('k', 'v'):
+            values[f'cross{layer}_{part}'] = torch.zeros(spec.num_heads, visual_rows,
+                                                         spec.key_width)
+    heads, width = spec.query_fields()['kv']
     for layer in range(spec.num_layers):
-        for name in ('k', 'v'):
-            heads, width = spec.query_fields()[name]
-            values[f'query{layer}_{name}'] = torch.zeros(heads, query_rows, width)
+        for part in ('k', 'v'):
+            values[f'query{layer}_{part}'] = torch.zeros(heads // 2, query_rows, width)
     return values
 
 

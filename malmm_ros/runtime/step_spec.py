@@ -35,7 +35,7 @@ class StepSpec:
     num_queries: int
     cross_layers: tuple[int, ...]  # layers that cross-attend to the visual bank
     key_width: int  # cached key width per head of a cross-attention layer
-    value_width: int  # cached value width per head of a cross-attention layer (with decays)
+    value_width: int  # cached value width per head (decays included): equal to key_width
     decay_rates: tuple[float, ...]  # 1 / tau per timescale; () without decays
     time_buckets: int
     max_age_s: float
@@ -45,35 +45,37 @@ class StepSpec:
     # -- names ------------------------------------------------------------------------------
 
     def visual_fields(self) -> dict[str, tuple[int, int]]:
-        """Visual bank fields: name -> (heads, width per head)."""
+        """Visual bank fields: name -> (heads, width per head). Each cross-attention layer's
+        keys and values are one field, keys in its first heads and values in the rest: one
+        merge for both, and each half is still one contiguous graph input."""
         out = {'tokens': (1, self.encoder_width)}
         for layer in self.cross_layers:
-            out[f'cross{layer}_k'] = (self.num_heads, self.key_width)
-            out[f'cross{layer}_v'] = (self.num_heads, self.value_width)
+            out[f'cross{layer}'] = (2 * self.num_heads, self.key_width)
         return out
 
-    def decay_fields(self) -> list[str]:
-        """Visual bank fields whose heads end with the decays."""
-        return [f'cross{layer}_v' for layer in self.cross_layers] if self.decay_rates else []
+    def decay_fields(self) -> dict[str, int]:
+        """Visual bank fields holding decays -> their first head that does (the values')."""
+        return ({f'cross{layer}': self.num_heads for layer in self.cross_layers}
+                if self.decay_rates else {})
 
     def query_fields(self) -> dict[str, tuple[int, int]]:
-        """Query bank fields (one bank per layer): the layer's input queries and its
-        self-attention's cached keys and values."""
-        per_head = self.hidden_size // self.num_heads
-        return {'tokens': (1, self.hidden_size), 'k': (self.num_heads, per_head),
-                'v': (self.num_heads, per_head)}
+        """Query bank fields (one bank per layer): the layer's input queries, and its
+        self-attention's cached keys then values."""
+        return {'tokens': (1, self.hidden_size),
+                'kv': (2 * self.num_heads, self.hidden_size // self.num_heads)}
 
     def projection_inputs(self) -> list[str]:
         return ['tokens'] + (['decay_fresh'] if self.decay_rates else [])
 
     def projection_outputs(self) -> list[str]:
-        return [name if name != 'tokens' else 'visual' for name in self.visual_fields()]
+        return ['visual'] + [f'cross{layer}' for layer in self.cross_layers]
 
     def step_inputs(self) -> list[str]:
         bias = ('buckets', 'places', 'mask') if self.order_bias else ('buckets', 'mask')
         names = [f'visual_{part}' for part in bias]
         names += ['decay_scale'] if self.decay_rates else []
-        names += [name for name in self.visual_fields() if name != 'tokens']
+        for layer in self.cross_layers:
+            names += [f'cross{layer}_k', f'cross{layer}_v']
         for layer in range(self.num_layers):
             names += [f'query{layer}_{part}' for part in (*bias, 'k', 'v')]
         return names
@@ -81,7 +83,7 @@ class StepSpec:
     def step_outputs(self) -> list[str]:
         names = []
         for layer in range(self.num_layers):
-            names += [f'query{layer}_{part}_new' for part in ('tokens', 'k', 'v')]
+            names += [f'query{layer}_tokens_new', f'query{layer}_kv_new']
         names += ['queries', 'verb', 'noun']
         return names + (['action'] if self.has_action_head else [])
 
@@ -121,6 +123,7 @@ class StepSpec:
         spec = cls(**values)
         if spec.num_layers < 1 or spec.time_buckets < 2 or not spec.max_age_s > 0 or \
                 spec.num_heads < 1 or spec.hidden_size % spec.num_heads or \
+                spec.key_width != spec.value_width or \
                 any(not 0 <= i < spec.num_layers for i in spec.cross_layers) or \
                 any(not r > 0 for r in spec.decay_rates):
             raise CheckpointError(f'{source}: inconsistent step spec {data}')

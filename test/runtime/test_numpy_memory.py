@@ -21,7 +21,7 @@ def _banks(capacity: int, groups: int, decays: bool) -> tuple[MemoryBank, NumpyB
                            decay_rates=rates or None,
                            decay_fields={'k': HEADS} if decays else None)
     bank = NumpyBank(capacity, POSITIONS, {'tokens': (1, WIDTH), 'k': (HEADS, PER_HEAD)},
-                     groups=groups, decay_rates=rates, decay_fields=['k'] if decays else [],
+                     groups=groups, decay_rates=rates, decay_fields={'k': 0} if decays else {},
                      dtype=np.float64)
     return reference, bank
 
@@ -146,7 +146,8 @@ def test_age_buckets_match_the_torch_function() -> None:
     ({'capacity': 0}, 'capacity'),
     ({'fields': {'k': (2, 4)}}, "'tokens'"),
     ({'fields': {'tokens': (2, 4)}}, "'tokens'"),
-    ({'decay_rates': (1.0, 2.0, 3.0), 'decay_fields': ['k']}, 'cannot hold'),
+    ({'decay_rates': (1.0, 2.0, 3.0), 'decay_fields': {'k': 0}}, 'cannot hold'),
+    ({'decay_rates': (1.0,), 'decay_fields': {'k': 2}}, 'cannot hold'),
 ])
 def test_refuses_impossible_layouts(kwargs: dict, message: str) -> None:
     arguments = {'capacity': 3, 'positions': 2, 'fields': {'tokens': (1, 4), 'k': (2, 2)},

@@ -41,6 +41,7 @@ DOMAINS: dict[str, tuple[int, ...]] = {
     'ros/test_node_text_startup.py': (33,),
     'ros/test_parameters.py': (34,),
     'ros/test_replay.py': tuple(range(50, 60)),  # one per test, in turn
+    'robot_pythons/test_node_runtime_onnx.py': (35, 36, 37),  # Python 3.10, main, 3.12
 }
 ASSIGNED = frozenset(i for ids in DOMAINS.values() for i in ids)
 
