@@ -33,11 +33,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope='session')
 def edge_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle of the config's untrained edge model (malmm-export bundle with its defaults:
-    real encoder weights, INT8 calibrated on the sample photos), made once per session; tests
-    that use it are slow (export and quantization take tens of seconds)."""
-    from malmm_ros.config import AnticipateConfig
-    from malmm_ros.runtime.bundle_export import write_bundle
+    """A bundle of the config's untrained edge model, written by `malmm-export bundle --out`
+    with its defaults (config/anticipate.yaml, real encoder weights, INT8 calibrated on the
+    sample photos), once per session; tests that use it are slow (tens of seconds)."""
+    from malmm_ros.cli.export import main as export_main
 
     out = tmp_path_factory.mktemp('edge_bundle') / 'bundle'
-    return write_bundle(out, AnticipateConfig()).path
+    assert export_main(['bundle', '--out', str(out)]) == 0
+    return out
