@@ -157,7 +157,7 @@ class NumpyBank:
 
     def _tokens(self, slots: np.ndarray) -> np.ndarray:
         """Tokens at physical `slots` [..., G, P] -> [..., G, P, C]."""
-        return self._flat['tokens'][self._rows('tokens', slots)[..., 0, :]]
+        return np.take(self._flat['tokens'], self._rows('tokens', slots)[..., 0, :], axis=0)
 
     # -- what the graphs read ---------------------------------------------------------------
 
@@ -221,8 +221,8 @@ class NumpyBank:
         merged_tokens = None
         for name, flat in self._flat.items():
             keep_rows = self._rows(name, keep)
-            first = flat[keep_rows]  # (G, H, P, W)
-            merged = first + weight * (flat[self._rows(name, drop)] - first)
+            first = np.take(flat, keep_rows, axis=0)  # (G, H, P, W)
+            merged = first + weight * (np.take(flat, self._rows(name, drop), axis=0) - first)
             flat[keep_rows] = merged
             if name == 'tokens':
                 merged_tokens = merged[:, 0]
