@@ -106,13 +106,16 @@ class AnticipationPipeline:
         if config.backend == 'onnxruntime' and precision == 'fp16':
             raise ConfigError('precision fp16 is a TensorRT precision; ONNX Runtime runs fp32 '
                               'or int8 (or set precision: auto)')
-        onnx_path = None
+        onnx_path = calibration = None
         if self.bundle is not None and config.backend in ('onnxruntime', 'tensorrt'):
             onnx_path = self.bundle.encoder(precision if config.backend == 'onnxruntime'
                                             else 'fp32')
+            if config.backend == 'tensorrt' and precision == 'int8':
+                # The frames the bundle's INT8 ONNX encoder was calibrated on.
+                calibration = self.bundle.calibration_frames()
         return create_encoder(config.backend, device=config.device, threads=config.threads(),
                               precision=precision, engine_dir=config.engine_dir or None,
-                              onnx_path=onnx_path)
+                              onnx_path=onnx_path, calibration_frames=calibration)
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None

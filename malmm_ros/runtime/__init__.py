@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -36,7 +37,8 @@ def _cuda_available() -> bool:
 
 def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
                    precision: str = 'fp16', engine_dir: str | os.PathLike | None = None,
-                   onnx_path: str | os.PathLike | None = None) -> EncoderRunner:
+                   onnx_path: str | os.PathLike | None = None,
+                   calibration_frames: Iterable[np.ndarray] | None = None) -> EncoderRunner:
     """An encoder runner for `backend`.
 
     `auto` picks, in order: TensorRT (importable and a CUDA GPU), ONNX Runtime with CUDA, torch
@@ -44,6 +46,7 @@ def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
     `default_engine_dir()`) caches the ONNX export and TensorRT engines; the torch backend needs
     no files and ignores it. A cache folder that cannot be created or read is a ConfigError.
     `precision`: fp32, fp16 or int8 for TensorRT; int8 or fp32 (anything else) for ONNX Runtime.
+    `calibration_frames`: uint8 [224, 224, 3] frames a TensorRT int8 engine is calibrated on.
     """
     if backend not in BACKENDS:
         raise ConfigError(f'unknown encoder backend {backend!r}; choose one of {list(BACKENDS)}')
@@ -71,7 +74,8 @@ def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
         raise ConfigError(f'backend tensorrt needs the tensorrt package and a CUDA GPU '
                           f'(pip install .[tensorrt]): {why}')
     return TensorRTEncoder(ensure_onnx(onnx_path, engine_dir),
-                           cache_dir=engine_dir or default_engine_dir(), precision=precision)
+                           cache_dir=engine_dir or default_engine_dir(), precision=precision,
+                           calibration_frames=calibration_frames)
 
 
 def _choose(device: str) -> tuple[str, str, str]:

@@ -5,6 +5,8 @@
     projection.onnx      frame tokens -> visual bank rows     (runtime/step_export.py)
     step.onnx            banks -> query rows, query outputs, probabilities
     checkpoint.safetensors  the weights the graphs came from (runtime: torch runs these)
+    calibration.npz      the uint8 frames [n, 224, 224, 3] the INT8 encoder was calibrated on,
+                         for a TensorRT INT8 engine on the robot (read without unpickling)
     manifest.json        format, model config, step spec, label maps, protocol, trained flag,
                          sha256 and size of every file, exporter versions, calibration set
 
@@ -18,22 +20,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from malmm_ros.errors import CheckpointError, DataError
 from malmm_ros.labels import LabelMaps
 from malmm_ros.runtime.step_spec import StepSpec
 
-__all__ = ['BUNDLE_CHECKPOINT', 'BUNDLE_FILES', 'BUNDLE_FORMAT', 'ENCODER_FILES', 'MANIFEST',
-           'Bundle', 'file_digest']
+__all__ = ['BUNDLE_CHECKPOINT', 'BUNDLE_FILES', 'BUNDLE_FORMAT', 'CALIBRATION_FILE',
+           'ENCODER_FILES', 'MANIFEST', 'Bundle', 'file_digest', 'read_calibration',
+           'write_calibration']
 
 BUNDLE_FORMAT = 'malmm_ros/bundle/v1'
 MANIFEST = 'manifest.json'
 ENCODER_FILES = {'fp32': 'encoder.fp32.onnx', 'int8': 'encoder.int8.onnx'}
 BUNDLE_CHECKPOINT = 'checkpoint.safetensors'
-BUNDLE_FILES = (*ENCODER_FILES.values(), 'projection.onnx', 'step.onnx', BUNDLE_CHECKPOINT)
+CALIBRATION_FILE = 'calibration.npz'
+BUNDLE_FILES = (*ENCODER_FILES.values(), 'projection.onnx', 'step.onnx', BUNDLE_CHECKPOINT,
+                CALIBRATION_FILE)
+CALIBRATION_FRAME = (224, 224, 3)  # resize_and_crop's output
 # A manifest is a few hundred kB (label names); anything far larger is not one.
 _MAX_MANIFEST_BYTES = 16 << 20
 
@@ -104,6 +113,55 @@ class Bundle:
                                   f'{sorted(ENCODER_FILES)}, not {precision!r} (fp16 is a '
                                   'TensorRT precision)')
         return self.file(ENCODER_FILES[precision])
+
+    def calibration_frames(self) -> np.ndarray:
+        """The uint8 frames [n, 224, 224, 3] the INT8 encoder was calibrated on, n as the
+        manifest says (CheckpointError otherwise)."""
+        frames = read_calibration(self.file(CALIBRATION_FILE))
+        calibration = self.manifest.get('calibration')
+        expected = calibration.get('frames') if isinstance(calibration, dict) else None
+        if len(frames) != expected:
+            raise CheckpointError(f'bundle {self.path}: {CALIBRATION_FILE} holds {len(frames)} '
+                                  f'frames, the manifest says {expected}')
+        return frames
+
+
+def write_calibration(path: Path, frames: np.ndarray) -> None:
+    """Save uint8 frames [n, 224, 224, 3] as `read_calibration` reads them (no pickles)."""
+    frames = np.asarray(frames)
+    _check_frames(path, frames.dtype, frames.shape)
+    np.savez_compressed(path, frames=frames)
+
+
+def read_calibration(path: Path) -> np.ndarray:
+    """The frames of a calibration file, after its header says uint8 [n, 224, 224, 3] (n >= 1):
+    a wrong or pickled array is refused before any of its data is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+            if members != ['frames.npy']:
+                raise CheckpointError(f'{path} holds {members}, expected only frames.npy')
+            with archive.open('frames.npy') as member:
+                version = np.lib.format.read_magic(member)
+                readers = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in readers:
+                    raise CheckpointError(f'{path}: frames.npy has format {version}, which '
+                                          'np.save does not write for plain arrays')
+                shape, fortran_order, dtype = readers[version](member)
+        _check_frames(path, dtype, shape)
+        if fortran_order:
+            raise CheckpointError(f'{path}: frames are stored in Fortran order')
+        with np.load(path, allow_pickle=False) as archive:
+            return archive['frames']
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f'{path} is not a readable calibration file: {exc}') from None
+
+
+def _check_frames(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    if dtype != np.uint8 or len(shape) != 4 or shape[1:] != CALIBRATION_FRAME or shape[0] < 1:
+        raise CheckpointError(f'{path}: calibration frames must be uint8 [n >= 1, 224, 224, 3], '
+                              f'got {dtype} {list(shape)}')
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -24,7 +24,15 @@ import numpy as np
 from malmm_ros.config import AnticipateConfig
 from malmm_ros.errors import ConfigError
 from malmm_ros.protocol import Protocol
-from malmm_ros.runtime.bundle import BUNDLE_FORMAT, ENCODER_FILES, MANIFEST, Bundle, file_digest
+from malmm_ros.runtime.bundle import (
+    BUNDLE_FORMAT,
+    CALIBRATION_FILE,
+    ENCODER_FILES,
+    MANIFEST,
+    Bundle,
+    file_digest,
+    write_calibration,
+)
 
 __all__ = ['write_bundle']
 
@@ -83,6 +91,8 @@ def write_bundle(out: str | os.PathLike, config: AnticipateConfig, *,
         export_onnx(work / ENCODER_FILES['fp32'])
         frames = list(calibration if calibration is not None else default_calibration_frames())
         quantize_encoder(work / ENCODER_FILES['fp32'], work / ENCODER_FILES['int8'], frames)
+        # The same frames go along: TensorRT calibrates its INT8 encoder on the robot from them.
+        write_calibration(work / CALIBRATION_FILE, np.stack(frames))
         trained = not (isinstance(stored.get('training'), dict)
                        and stored['training'].get('untrained') is True)
         protocol = Protocol.stored(stored)

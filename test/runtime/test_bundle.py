@@ -44,6 +44,10 @@ def test_bundle_holds_every_file_with_its_digest(edge_bundle: Path) -> None:
     assert bundle.labels.num_verbs == 97 and bundle.labels.num_nouns == 300
     assert bundle.spec.num_layers == AnticipateConfig().model.num_layers
     assert manifest['calibration']['frames'] > 0
+    frames = bundle.calibration_frames()  # what the INT8 encoder was calibrated on
+    assert frames.dtype == np.uint8 and frames.shape == (manifest['calibration']['frames'],
+                                                         224, 224, 3)
+    assert frames.std() > 10  # real photos
     assert {'torch', 'onnx', 'onnxruntime', 'numpy', 'python'} <= set(manifest['exporter'])
     assert manifest['protocol']['memory_bank_length'] == 20
 
@@ -60,6 +64,7 @@ def test_bundle_holds_every_file_with_its_digest(edge_bundle: Path) -> None:
     (lambda b: (b / 'manifest.json').write_text('[1]'), 'not a JSON object'),
     (lambda b: _edit(b, lambda m: m.update(format='malmm_ros/bundle/v0')), 'format'),
     (lambda b: _edit(b, lambda m: m['files'].pop('step.onnx')), 'lists files'),
+    (lambda b: (b / 'calibration.npz').unlink(), 'calibration.npz is missing'),
     (lambda b: _edit(b, lambda m: m['step'].update(num_heads=0)), 'inconsistent step spec'),
     (lambda b: _edit(b, lambda m: m.update(trained='yes')), '"trained"'),
     (lambda b: _edit(b, lambda m: m.update(labels={})), 'labels'),
