@@ -61,7 +61,8 @@ class EngineKey:
     """Everything a serialized engine depends on: engines are interchangeable iff keys are equal.
 
     `input_shape` is the largest input the engine accepts (its optimization profile's max), e.g.
-    (max_batch, 224, 224, 3).
+    (max_batch, 224, 224, 3). An engine of several inputs (a step graph) lists every input's
+    shape in `input_shapes`, in the graph's order; its `input_shape` is the first of them.
     """
 
     onnx_sha256: str
@@ -70,6 +71,9 @@ class EngineKey:
     compute_capability: str  # "major.minor", e.g. "8.7" for Orin
     precision: str  # one of PRECISIONS
     input_shape: tuple[int, ...]
+    # ((input name, shape), ...) of a multi-input engine; () for one input. Optional in the
+    # JSON, so the encoder's sidecars read and write as before.
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.onnx_sha256, str) or not _SHA_HEX.fullmatch(self.onnx_sha256):
@@ -105,6 +109,12 @@ class EngineKey:
             )
         # JSON gives lists back; a frozen dataclass needs object.__setattr__ to normalise.
         object.__setattr__(self, 'input_shape', tuple(shape))
+        object.__setattr__(self, 'input_shapes', _named_shapes(self.input_shapes))
+        if self.input_shapes and self.input_shapes[0][1] != self.input_shape:
+            raise ConfigError(
+                f'engine key: input_shape {self.input_shape} must be the first of input_shapes '
+                f'{self.input_shapes[0]}'
+            )
 
     def filename(self, stem: str = 'efficientnet_lite0') -> str:
         """Readable, filesystem-safe engine file name that differs whenever a key field does.
@@ -121,12 +131,19 @@ class EngineKey:
             self.precision,
             'x'.join(str(d) for d in self.input_shape),
         )
+        if self.input_shapes:  # every input's name and shape, too many for a name: a digest
+            text = json.dumps([[n, list(s)] for n, s in self.input_shapes])
+            parts += (f'in{hashlib.sha256(text.encode()).hexdigest()[:10]}',)
         return '-'.join(parts) + '.engine'
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the key (input_shape as a list)."""
+        """JSON-ready dict of the key (shapes as lists; input_shapes only when there are)."""
         data = dataclasses.asdict(self)
         data['input_shape'] = list(self.input_shape)
+        if self.input_shapes:
+            data['input_shapes'] = [[name, list(shape)] for name, shape in self.input_shapes]
+        else:
+            del data['input_shapes']
         return data
 
     @classmethod
@@ -135,7 +152,7 @@ class EngineKey:
         if not isinstance(data, Mapping):
             raise CheckpointError(f'engine key must be a JSON object, got {type(data).__name__}')
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - {'input_shapes'})
         unexpected = sorted(set(data) - names)
         if missing or unexpected:
             raise CheckpointError(
@@ -151,6 +168,24 @@ class EngineKey:
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def _named_shapes(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """`value` ((name, shape) pairs, lists from JSON too) as tuples; ConfigError if malformed."""
+    try:
+        pairs = tuple((name, tuple(shape)) for name, shape in value)
+    except (TypeError, ValueError):
+        pairs = None
+    names = [name for name, _ in pairs or ()]
+    if pairs is None or not all(isinstance(n, str) and n for n in names) or \
+            len(set(names)) != len(names) or not all(
+                all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+                for _, shape in pairs):
+        raise ConfigError(
+            f'engine key: input_shapes must be (unique name, shape of positive ints) pairs, got '
+            f'{value!r}'
+        )
+    return pairs
 
 
 def onnx_sha256(path: str | os.PathLike[str]) -> str:

@@ -8,6 +8,8 @@ the graph every stored row (runtime/step_export.py), writes the rows it returns 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,16 +51,24 @@ def open_session(path: str | os.PathLike, *, threads: int = 0,
 
 class OnnxStep:
     """Memory + Q-Former + heads of one stream, from the projection and step graphs and their
-    StepSpec (runtime/step_export.py)."""
+    StepSpec (runtime/step_export.py).
+
+    `open_graph(path, input names)` opens each graph as a session-like object (`get_inputs()`,
+    `run(None, feeds)`); the default is ONNX Runtime with `threads` and `providers`, another is
+    a TensorRT engine (runtime/tensorrt_step.py).
+    """
 
     def __init__(self, projection: str | os.PathLike, step: str | os.PathLike, spec: StepSpec,
-                 capacity: int, *, threads: int = 0, providers: list[str] | None = None
-                 ) -> None:
+                 capacity: int, *, threads: int = 0, providers: list[str] | None = None,
+                 open_graph: Callable[[Path, list[str]], Any] | None = None) -> None:
+        def onnx_runtime(path: Path, inputs: list[str]) -> Any:
+            return open_session(path, threads=threads, providers=providers)
+
         self.spec = spec
         self.sessions = []
         for path, inputs in ((projection, spec.projection_inputs()),
                              (step, spec.step_inputs())):
-            session = open_session(path, threads=threads, providers=providers)
+            session = (open_graph or onnx_runtime)(Path(path), inputs)
             found = [i.name for i in session.get_inputs()]
             if found != inputs:
                 raise CheckpointError(f'graph {path} has inputs {found}, its spec says '
