@@ -2,9 +2,13 @@
 
 The engine is built once per (ONNX bytes, TensorRT version, GPU, precision, max batch) and kept in
 an `EngineCache`, so a TensorRT/JetPack upgrade triggers a rebuild instead of loading a stale
-engine. No pycuda: torch owns the device buffers and the CUDA stream, and TensorRT only gets raw
-device pointers (`tensor.data_ptr()`) and the stream handle. TensorRT is imported lazily, inside
-functions, so this module imports on machines without it (requesting it there is a ConfigError).
+engine. Neither torch nor pycuda: device buffers, the CUDA stream and the copies come from
+runtime/cuda_buffers.py (libcudart through ctypes, which JetPack has), and TensorRT only gets
+raw device pointers and the stream handle. TensorRT is imported lazily, inside functions, so
+this module imports on machines without it (requesting it there is a ConfigError).
+
+This module also owns what every TensorRT runner shares: `tensorrt_available`, the install hint
+and the one process-wide TensorRT logger; runtime/tensorrt_step.py imports them from here.
 
 Written against the TensorRT 10 Python API. TensorRT 11 removed the FP16/INT8 builder flags and
 the INT8 calibrator (weak typing; deprecated since 10.12 and 10.1): with it only fp32 builds.
@@ -17,15 +21,16 @@ import logging
 import os
 import re
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from malmm_ros.errors import CheckpointError, ConfigError, FrameError, MalmmError
 from malmm_ros.files import atomic_write
+from malmm_ros.runtime.cuda_buffers import CudaError, CudaRuntime, DeviceArray, cuda_runtime
 from malmm_ros.runtime.engine_cache import (
     PRECISIONS,
     EngineCache,
@@ -39,7 +44,9 @@ __all__ = [
     'TensorRTEncoder',
     'build_engine',
     'current_key',
+    'require_tensorrt',
     'tensorrt_available',
+    'tensorrt_logger',
 ]
 
 INSTALL_HINT = (
@@ -61,7 +68,9 @@ def _major(version: str) -> int:
 
 
 def tensorrt_available() -> tuple[bool, str]:
-    """(True, what) if TensorRT >= 10 imports and torch sees a CUDA GPU, else (False, why not)."""
+    """(True, what) if TensorRT >= 10 imports and the CUDA runtime sees a GPU, else (False, why
+    not: no tensorrt package, too old, no libcudart, no driver or no GPU). No torch: the GPU is
+    asked for through libcudart (runtime/cuda_buffers.py)."""
     try:
         import tensorrt as trt
     except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer is not
@@ -69,12 +78,22 @@ def tensorrt_available() -> tuple[bool, str]:
     version = str(getattr(trt, '__version__', 'unknown'))
     if _major(version) < MIN_TENSORRT_MAJOR:
         return False, f'TensorRT {version} is too old (need >= {MIN_TENSORRT_MAJOR})'
-    if not torch.cuda.is_available():
-        return False, f'TensorRT {version} is installed but torch sees no CUDA GPU'
-    return True, f'TensorRT {version} on {torch.cuda.get_device_name()}'
+    try:
+        cuda = cuda_runtime()
+    except ConfigError as exc:  # says libcudart is not found and what to install
+        return False, f'TensorRT {version} is installed but the CUDA runtime is not: {exc}'
+    try:
+        count = cuda.device_count()
+        name = cuda.device_name(0) if count > 0 else ''
+    except CudaError as exc:  # no driver (cudaErrorInsufficientDriver) or no device
+        return False, (f'TensorRT {version} is installed but CUDA has no usable driver or GPU: '
+                       f'{exc}')
+    if count < 1:
+        return False, f'TensorRT {version} is installed but CUDA sees no GPU'
+    return True, f'TensorRT {version} on {name}'
 
 
-def _require_tensorrt() -> Any:
+def require_tensorrt() -> Any:
     """The tensorrt module, or ConfigError with the install hint and the reason."""
     ok, reason = tensorrt_available()
     if not ok:
@@ -82,6 +101,29 @@ def _require_tensorrt() -> Any:
     import tensorrt as trt
 
     return trt
+
+
+@functools.cache
+def tensorrt_logger() -> Any:
+    """One TensorRT logger for the process, forwarding to `logging` (INFO is chatty: DEBUG).
+
+    TensorRT keeps a single logger pointer: a builder or runtime given another one is warned
+    about and gets the first, so every runner takes this one."""
+    import tensorrt as trt
+
+    severity = trt.ILogger.Severity
+    levels = {severity.INTERNAL_ERROR: logging.CRITICAL, severity.ERROR: logging.ERROR,
+              severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG,
+              severity.VERBOSE: logging.DEBUG}
+
+    class _LoggingBridge(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, sev: Any, msg: str) -> None:
+            _log.log(levels.get(sev, logging.WARNING), 'TensorRT: %s', msg)
+
+    return _LoggingBridge()
 
 
 def _check_precision(precision: str) -> None:
@@ -96,44 +138,21 @@ def _check_max_batch(max_batch: int) -> None:
         raise ConfigError(f'max_batch must be a positive int, got {max_batch!r}')
 
 
-@functools.cache
-def _trt_logger() -> Any:
-    """One TensorRT logger for the process (TensorRT treats it as a singleton) -> `logging`."""
-    import tensorrt as trt
-
-    severity = trt.ILogger.Severity
-    levels = {
-        severity.INTERNAL_ERROR: logging.CRITICAL,
-        severity.ERROR: logging.ERROR,
-        severity.WARNING: logging.WARNING,
-        severity.INFO: logging.DEBUG,  # INFO is dozens of lines per build
-        severity.VERBOSE: logging.DEBUG,
-    }
-
-    class _LoggingBridge(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, sev: Any, msg: str) -> None:
-            _log.log(levels.get(sev, logging.WARNING), 'TensorRT: %s', msg)
-
-    return _LoggingBridge()
-
-
 def current_key(
     onnx_path: str | os.PathLike[str],
     precision: str,
     input_shape: tuple[int, ...] = (1, *IMAGE_SHAPE),
 ) -> EngineKey:
     """The cache key of an engine built here, now: ONNX sha256, TensorRT version, this GPU."""
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     _check_precision(precision)
-    major, minor = torch.cuda.get_device_capability()
+    cuda = cuda_runtime()
+    # Device 0's cudaDeviceProp name, as torch.cuda.get_device_name reported it: old keys hold.
     return EngineKey(
         onnx_sha256=onnx_sha256(onnx_path),
         tensorrt_version=str(trt.__version__),
-        gpu_name=torch.cuda.get_device_name(),
-        compute_capability=f'{major}.{minor}',
+        gpu_name=cuda.device_name(0),
+        compute_capability=cuda.compute_capability(0),
         precision=precision,
         input_shape=tuple(int(d) for d in input_shape),
     )
@@ -156,14 +175,20 @@ def _single_frames(frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             )
 
 
-def _make_calibrator(trt: Any, frames: Iterable[np.ndarray], cache_path: Path | None) -> Any:
-    """An IInt8EntropyCalibrator2 feeding one frame per batch from a torch CUDA buffer."""
+def _make_calibrator(trt: Any, cuda: CudaRuntime, frames: Iterable[np.ndarray],
+                     cache_path: Path | None) -> Any:
+    """An IInt8EntropyCalibrator2 feeding one frame per batch from a device buffer.
+
+    A batch is what the network input takes, in its own type and layout: uint8 [1, 224, 224, 3]
+    (the graph casts to float itself), at the calibration profile's opt shape (batch 1).
+    `release()` frees the buffer once the build is over.
+    """
 
     class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.frames = _single_frames(frames)
-            self.device_batch = torch.empty((1, *IMAGE_SHAPE), dtype=torch.uint8, device='cuda')
+            self.device_batch = DeviceArray(cuda, (1, *IMAGE_SHAPE), np.uint8)
             self.count = 0
             self.used_cache = False
             self.error: BaseException | None = None
@@ -177,10 +202,12 @@ def _make_calibrator(trt: Any, frames: Iterable[np.ndarray], cache_path: Path | 
                 frame = next(self.frames, None)
                 if frame is None:
                     return None
-                self.device_batch.copy_(torch.from_numpy(frame)[None])
-                torch.cuda.synchronize()  # TensorRT reads the buffer on its own stream
+                # The legacy default stream (0): calibration is not timed, and synchronizing
+                # it means the frame is on the device before TensorRT reads it on its own.
+                self.device_batch.upload(frame[None], 0)
+                cuda.synchronize(0)
                 self.count += 1
-                return [int(self.device_batch.data_ptr())]
+                return [self.device_batch.pointer]
             except Exception as exc:
                 self.error = exc
                 return None
@@ -207,6 +234,12 @@ def _make_calibrator(trt: Any, frames: Iterable[np.ndarray], cache_path: Path | 
             except OSError as exc:
                 _log.warning('could not write INT8 calibration cache %s: %s', cache_path, exc)
 
+        def release(self) -> None:
+            try:
+                self.device_batch.release()
+            except CudaError as exc:  # the build's outcome matters more than a failed free
+                _log.warning('could not free the INT8 calibration buffer: %s', exc)
+
     return _EntropyCalibrator()
 
 
@@ -226,7 +259,7 @@ def build_engine(
     layers it does not quantize, and needs `calibration_frames` (uint8 [224, 224, 3] frames or
     [B, 224, 224, 3] batches, resize_and_crop output) unless `calibration_cache` already exists.
     """
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     _check_precision(precision)
     _check_max_batch(max_batch)
     path = Path(onnx_path)
@@ -246,7 +279,7 @@ def build_engine(
             'use precision fp32'
         )
 
-    logger = _trt_logger()
+    logger = tensorrt_logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: always explicit batch, no flag needed
     parser = trt.OnnxParser(network, logger)
@@ -271,12 +304,16 @@ def build_engine(
     if precision == 'int8':
         config.set_flag(trt.BuilderFlag.INT8)
         frames = calibration_frames if calibration_frames is not None else ()
-        calibrator = _make_calibrator(trt, frames, cache_path)
+        calibrator = _make_calibrator(trt, cuda_runtime(), frames, cache_path)
         config.int8_calibrator = calibrator  # deprecated since TensorRT 10.1, still works in 10.x
         config.set_calibration_profile(profile)
 
     _log.info('building TensorRT %s engine from %s (max batch %d)', precision, path, max_batch)
-    serialized = builder.build_serialized_network(network, config)
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        if calibrator is not None:
+            calibrator.release()
     if calibrator is not None:
         if calibrator.error is not None:
             raise CheckpointError(
@@ -293,20 +330,33 @@ def build_engine(
 
 
 def _check_engine_io(trt: Any, engine: Any) -> None:
-    """CheckpointError unless the engine has exactly uint8 'frames' in and float32 'tokens' out."""
+    """CheckpointError unless the engine has exactly uint8 'frames' [B, 224, 224, 3] in and
+    float32 'tokens' [B, 49, 1280] out: the device buffers are sized for those."""
     names = sorted(engine.get_tensor_name(i) for i in range(engine.num_io_tensors))
     if names != sorted((INPUT_NAME, OUTPUT_NAME)):
         raise CheckpointError(
             f'engine I/O tensors are {names}, expected {INPUT_NAME!r} and {OUTPUT_NAME!r}'
         )
     expected = {
-        INPUT_NAME: (trt.TensorIOMode.INPUT, trt.DataType.UINT8),
-        OUTPUT_NAME: (trt.TensorIOMode.OUTPUT, trt.DataType.FLOAT),
+        INPUT_NAME: (trt.TensorIOMode.INPUT, trt.DataType.UINT8, IMAGE_SHAPE),
+        OUTPUT_NAME: (trt.TensorIOMode.OUTPUT, trt.DataType.FLOAT, TOKENS_SHAPE),
     }
-    for name, (mode, dtype) in expected.items():
-        got = (engine.get_tensor_mode(name), engine.get_tensor_dtype(name))
-        if got != (mode, dtype):
-            raise CheckpointError(f'engine tensor {name!r} is {got}, expected {(mode, dtype)}')
+    for name, want in expected.items():
+        got = (engine.get_tensor_mode(name), engine.get_tensor_dtype(name),
+               tuple(engine.get_tensor_shape(name))[1:])  # the batch dimension is -1
+        if got != want:
+            raise CheckpointError(f'engine tensor {name!r} is {got}, expected {want}')
+
+
+def _release(cuda: CudaRuntime, buffers: list[DeviceArray], stream: int) -> None:
+    """Free the device buffers and the stream (at close(), or when the encoder is collected)."""
+    try:
+        cuda.synchronize(stream)  # nothing may still read or write them
+        for buffer in buffers:
+            buffer.release()
+        cuda.destroy_stream(stream)
+    except CudaError as exc:  # e.g. at interpreter exit, CUDA already shut down
+        _log.debug('releasing TensorRT encoder buffers: %s', exc)
 
 
 class TensorRTEncoder:
@@ -314,7 +364,8 @@ class TensorRTEncoder:
 
     The engine comes from `cache_dir` when one matches this ONNX file, TensorRT version, GPU,
     precision and max batch; otherwise it is built (minutes on a Jetson) and cached there. A
-    `cache_dir` that cannot be created or read is a ConfigError before any build.
+    `cache_dir` that cannot be created or read is a ConfigError before any build. Device buffers
+    for max_batch frames are allocated once; `close()` (or garbage collection) frees them.
     """
 
     def __init__(
@@ -328,7 +379,7 @@ class TensorRTEncoder:
         max_batch: int = 1,
         workspace_bytes: int = 1 << 30,
     ) -> None:
-        trt = _require_tensorrt()
+        trt = require_tensorrt()
         _check_precision(precision)
         _check_max_batch(max_batch)
         cache_dir = ensure_cache_dir(cache_dir)
@@ -345,7 +396,7 @@ class TensorRTEncoder:
                 self.key.filename().removesuffix('.engine') + '.calib'
             )
 
-        runtime = trt.Runtime(_trt_logger())
+        runtime = trt.Runtime(tensorrt_logger())
 
         def build() -> bytes:
             return build_engine(
@@ -377,18 +428,20 @@ class TensorRTEncoder:
                 '(out of GPU memory?)'
             )
         self.max_batch = max_batch
-        self.device = torch.device('cuda', torch.cuda.current_device())
-        self._input = torch.empty((max_batch, *IMAGE_SHAPE), dtype=torch.uint8, device=self.device)
-        self._output = torch.empty(
-            (max_batch, *TOKENS_SHAPE), dtype=torch.float32, device=self.device
-        )
-        # Pinned host buffers make the copies truly asynchronous on our stream.
-        self._host_input = torch.empty((max_batch, *IMAGE_SHAPE), dtype=torch.uint8).pin_memory()
-        self._host_output = torch.empty(
-            (max_batch, *TOKENS_SHAPE), dtype=torch.float32
-        ).pin_memory()
+        cuda = cuda_runtime()
+        self._cuda = cuda
         # Our own stream: TensorRT warns about (and synchronizes more on) the default stream.
-        self._stream = torch.cuda.Stream(device=self.device)
+        self._stream = cuda.create_stream()
+        allocated: list[DeviceArray] = []  # freed with the encoder, even if __init__ fails below
+        self._finalizer = weakref.finalize(self, _release, cuda, allocated, self._stream)
+        self._input = DeviceArray(cuda, (max_batch, *IMAGE_SHAPE), np.uint8)
+        allocated.append(self._input)
+        self._output = DeviceArray(cuda, (max_batch, *TOKENS_SHAPE), np.float32)
+        allocated.append(self._output)
+        # DeviceArray copies whole buffers: a smaller batch is staged in the first rows here.
+        self._host_input = np.zeros((max_batch, *IMAGE_SHAPE), np.uint8)
+        self.context.set_tensor_address(INPUT_NAME, self._input.pointer)
+        self.context.set_tensor_address(OUTPUT_NAME, self._output.pointer)
         self._lock = threading.Lock()  # one context, one set of buffers
         self.name = f'tensorrt-{precision}'
         _log.info('TensorRT encoder ready: %s (%s)', self.name, self.engine_path.name)
@@ -409,16 +462,19 @@ class TensorRTEncoder:
             raise FrameError(
                 f'batch of {batch} frames: this engine takes 1 to {self.max_batch} (max_batch)'
             )
-        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            self._host_input.numpy()[:batch] = frames
-            self._input[:batch].copy_(self._host_input[:batch], non_blocking=True)
-            context = self.context
-            if not context.set_input_shape(INPUT_NAME, (batch, *IMAGE_SHAPE)):
+        if not self._finalizer.alive:
+            raise MalmmError(f'TensorRT encoder {self.engine_path.name} is closed')
+        with self._lock:
+            self._host_input[:batch] = frames  # rows past `batch` are left over, never read
+            self._input.upload(self._host_input, self._stream)
+            if not self.context.set_input_shape(INPUT_NAME, (batch, *IMAGE_SHAPE)):
                 raise FrameError(f'TensorRT rejected input shape {(batch, *IMAGE_SHAPE)}')
-            context.set_tensor_address(INPUT_NAME, int(self._input.data_ptr()))
-            context.set_tensor_address(OUTPUT_NAME, int(self._output.data_ptr()))
-            if not context.execute_async_v3(self._stream.cuda_stream):
+            if not self.context.execute_async_v3(self._stream):
                 raise MalmmError('TensorRT execution failed; see the TensorRT messages logged')
-            self._host_output[:batch].copy_(self._output[:batch], non_blocking=True)
-            self._stream.synchronize()
-            return self._host_output[:batch].numpy().copy()  # the buffer is reused next call
+            tokens = self._output.download(self._stream)  # a new array each call
+            self._cuda.synchronize(self._stream)
+        return tokens[:batch]
+
+    def close(self) -> None:
+        """Free the device buffers and the stream now (idempotent)."""
+        self._finalizer()

@@ -8,7 +8,8 @@ capability, precision) plus every input's shape, so another M builds another eng
 answers `get_inputs()` and `run(None, feeds)` as an ONNX Runtime session does, which is all
 `OnnxStep` uses. Device buffers come from runtime/cuda_buffers.py, so neither torch nor pycuda
 is needed (a Jetson has libcudart with JetPack). TensorRT is imported inside functions: this
-module imports anywhere.
+module imports anywhere. Availability, the install hint and the one TensorRT logger of the
+process (TensorRT keeps a single one) come from runtime/tensorrt_encoder.py.
 
 Index inputs (the banks' age buckets) are INT64 in the ONNX graphs; since TensorRT 9 the ONNX
 parser keeps INT64 and the engine's bindings are INT64 (onnx-tensorrt's changelog), so feeds
@@ -17,10 +18,8 @@ are passed in the engine's own dtype, whichever it reports.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -33,70 +32,21 @@ from malmm_ros.errors import CheckpointError, ConfigError, MalmmError
 from malmm_ros.runtime.cuda_buffers import CudaError, CudaRuntime, DeviceArray, cuda_runtime
 from malmm_ros.runtime.engine_cache import EngineCache, EngineKey, ensure_cache_dir, onnx_sha256
 from malmm_ros.runtime.step_spec import StepSpec
+from malmm_ros.runtime.tensorrt_encoder import (
+    INSTALL_HINT,
+    require_tensorrt,
+    tensorrt_available,
+    tensorrt_logger,
+)
 
 __all__ = ['GRAPH_PRECISIONS', 'INSTALL_HINT', 'GraphInput', 'TensorRTGraph',
            'build_graph_engine', 'graph_key', 'require_tensorrt', 'step_graph_shapes',
            'tensorrt_available']
 
-# The encoder's words (runtime/tensorrt_encoder.py), here without its torch import.
-INSTALL_HINT = (
-    'backend tensorrt needs the tensorrt package and a CUDA GPU: pip install .[tensorrt]'
-)
-MIN_TENSORRT_MAJOR = 10
 GRAPH_PRECISIONS = ('fp32', 'fp16')
 Shapes = Mapping[str, Sequence[int]]
 
 _log = logging.getLogger(__name__)
-
-
-def tensorrt_available() -> tuple[bool, str]:
-    """(True, what) if TensorRT >= 10 imports and the CUDA runtime sees a GPU, else (False,
-    why not). No torch: the device is asked through libcudart."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer is not
-        return False, f'the tensorrt package is not importable ({type(exc).__name__}: {exc})'
-    version = str(getattr(trt, '__version__', 'unknown'))
-    major = re.match(r'\d+', version)
-    if not major or int(major.group()) < MIN_TENSORRT_MAJOR:
-        return False, f'TensorRT {version} is too old (need >= {MIN_TENSORRT_MAJOR})'
-    try:
-        cuda = cuda_runtime()
-        if cuda.device_count() < 1:
-            return False, f'TensorRT {version} is installed but CUDA sees no GPU'
-        return True, f'TensorRT {version} on {cuda.device_name(0)}'
-    except (ConfigError, CudaError) as exc:
-        return False, f'TensorRT {version} is installed but CUDA is not usable: {exc}'
-
-
-def require_tensorrt() -> Any:
-    """The tensorrt module, or ConfigError with the install hint and the reason."""
-    ok, reason = tensorrt_available()
-    if not ok:
-        raise ConfigError(f'{INSTALL_HINT} ({reason})')
-    import tensorrt as trt
-
-    return trt
-
-
-@functools.cache
-def tensorrt_logger() -> Any:
-    """One TensorRT logger for the process, forwarding to `logging` (INFO is chatty: DEBUG)."""
-    import tensorrt as trt
-
-    severity = trt.ILogger.Severity
-    levels = {severity.INTERNAL_ERROR: logging.CRITICAL, severity.ERROR: logging.ERROR,
-              severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG,
-              severity.VERBOSE: logging.DEBUG}
-
-    class _LoggingBridge(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, sev: Any, msg: str) -> None:
-            _log.log(levels.get(sev, logging.WARNING), 'TensorRT: %s', msg)
-
-    return _LoggingBridge()
 
 
 def _check_precision(precision: str) -> None:

@@ -39,6 +39,7 @@ TORCH_FREE_MODULES = (
     'malmm_ros.runtime.onnx_step',
     'malmm_ros.runtime.onnxruntime_encoder',
     'malmm_ros.runtime.step_spec',
+    'malmm_ros.runtime.tensorrt_encoder',
     'malmm_ros.runtime.tensorrt_step',
     'malmm_ros.ros.anticipate_node',
     'malmm_ros.ros.diagnostics',

@@ -1,14 +1,16 @@
 """The TensorRT backend: what must hold without TensorRT (here), and engine parity where it runs.
 
-The first half runs everywhere: availability reporting, the ConfigError with the install hint,
-and the cache key built from the TensorRT version and GPU (with a stand-in `tensorrt` module and
-stand-in device queries, since neither exists here). The second half needs TensorRT and a CUDA
-GPU and is skipped, with the reason shown, elsewhere.
+The first half runs everywhere: the torch-free import, availability reporting (against this
+machine's real CUDA runtime where it has one), the ConfigError with the install hint, and the
+cache key built from the TensorRT version and GPU (with a stand-in `tensorrt` module and a
+stand-in CUDA runtime answering the device queries, since neither a GPU nor TensorRT is here).
+The second half needs TensorRT, libcudart and a CUDA GPU and is skipped, with the reason shown,
+elsewhere.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import logging
 import re
 import subprocess
@@ -18,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from malmm_ros.errors import CheckpointError, ConfigError, FrameError
-from malmm_ros.runtime import create_encoder, tensorrt_encoder
+from malmm_ros.errors import CheckpointError, ConfigError, FrameError, MalmmError
+from malmm_ros.runtime import create_encoder, cuda_buffers, tensorrt_encoder, tensorrt_step
 from malmm_ros.runtime.engine_cache import EngineCache
 from malmm_ros.runtime.tensorrt_encoder import (
     INSTALL_HINT,
@@ -31,10 +32,6 @@ from malmm_ros.runtime.tensorrt_encoder import (
     tensorrt_available,
 )
 
-TRT_SKIP_REASON = (
-    'TensorRT is not installable here (no GPU; GB-scale wheels): the engine build and parity '
-    'tests run where it is'
-)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,16 +49,38 @@ def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, 'tensorrt', None)
 
 
-def _stand_in_machine(
-    monkeypatch: pytest.MonkeyPatch, version: str = '10.3.0', cuda: bool = True
-) -> None:
-    """A `tensorrt` module reporting `version` and a torch that reports a Jetson Orin GPU."""
+class _OrinRuntime:
+    """Answers the device queries of cuda_buffers.CudaRuntime as JetPack's libcudart on a
+    Jetson Orin would (`gpus` of them)."""
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus = gpus
+
+    def device_count(self) -> int:
+        return self.gpus
+
+    def device_name(self, device: int = 0) -> str:
+        return 'Orin (nvgpu)'
+
+    def compute_capability(self, device: int = 0) -> str:
+        return '8.7'
+
+
+def _stand_in_tensorrt(monkeypatch: pytest.MonkeyPatch, version: str = '10.3.0') -> None:
+    """A `tensorrt` module reporting `version` (nothing else of it is reached here)."""
     module = types.ModuleType('tensorrt')
     module.__version__ = version
     monkeypatch.setitem(sys.modules, 'tensorrt', module)
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
-    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Orin (nvgpu)')
-    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 7))
+
+
+def _stand_in_machine(
+    monkeypatch: pytest.MonkeyPatch, version: str = '10.3.0', cuda: bool = True
+) -> None:
+    """A `tensorrt` module reporting `version` and a CUDA runtime that reports a Jetson Orin
+    GPU (none when not `cuda`)."""
+    _stand_in_tensorrt(monkeypatch, version)
+    orin = _OrinRuntime(gpus=1 if cuda else 0)
+    monkeypatch.setattr(tensorrt_encoder, 'cuda_runtime', lambda: orin)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,24 +88,42 @@ def _stand_in_machine(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # a fresh process that imports torch
-def test_module_does_not_import_tensorrt() -> None:
+def test_module_imports_and_answers_without_torch() -> None:
+    """A robot without torch: the module imports, imports no TensorRT until asked, and
+    `tensorrt_available()` answers through libcudart."""
     code = (
-        'import sys, malmm_ros.runtime.tensorrt_encoder, malmm_ros.runtime.engine_cache\n'
-        'print("tensorrt" in sys.modules)\n'
+        'import json, sys\n'
+        "sys.modules['torch'] = None  # from here on, importing torch raises ImportError\n"
+        'import malmm_ros.runtime.tensorrt_encoder as encoder\n'
+        "loaded = 'tensorrt' in sys.modules\n"
+        "print(json.dumps({'tensorrt_loaded': loaded,\n"
+        "                  'available': encoder.tensorrt_available()}))\n"
     )
     result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == 'False'
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report['tensorrt_loaded'] is False
+    ok, reason = report['available']
+    if ok:
+        pytest.skip(f'TensorRT and a CUDA GPU are present on this machine: {reason}')
+    assert 'torch' not in reason
+    # What is missing is named: the package, or (with it) libcudart, the driver or a GPU.
+    assert re.search(r'tensorrt package|too old|libcudart|driver|no GPU', reason), reason
 
 
 def test_tensorrt_is_not_available_on_this_machine() -> None:
-    if importlib.util.find_spec('tensorrt') is not None and torch.cuda.is_available():
-        pytest.skip('TensorRT and a CUDA GPU are present on this machine')
     ok, reason = tensorrt_available()
-    assert ok is False
+    if ok:
+        pytest.skip(f'TensorRT and a CUDA GPU are present on this machine: {reason}')
     assert reason.strip()
+
+
+def test_step_graphs_share_the_logger_and_the_hint() -> None:
+    """TensorRT keeps one logger per process: both runners must hand it the same one."""
+    assert tensorrt_step.tensorrt_logger is tensorrt_encoder.tensorrt_logger
+    assert tensorrt_step.INSTALL_HINT is tensorrt_encoder.INSTALL_HINT
+    assert tensorrt_step.tensorrt_available is tensorrt_encoder.tensorrt_available
 
 
 def test_missing_package_is_reported(no_tensorrt: None) -> None:
@@ -97,9 +134,43 @@ def test_missing_package_is_reported(no_tensorrt: None) -> None:
 
 def test_missing_gpu_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     _stand_in_machine(monkeypatch, cuda=False)
-    assert tensorrt_available() == (
-        False, 'TensorRT 10.3.0 is installed but torch sees no CUDA GPU'
-    )
+    assert tensorrt_available() == (False, 'TensorRT 10.3.0 is installed but CUDA sees no GPU')
+
+
+def test_missing_libcudart_is_reported_with_what_to_install(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real loader, pointed at a library that is not there (a robot without CUDA)."""
+    _stand_in_tensorrt(monkeypatch)
+    monkeypatch.setattr(tensorrt_encoder, 'cuda_runtime',
+                        lambda: cuda_buffers.cuda_runtime(['libcudart-missing.so.0']))
+    ok, reason = tensorrt_available()
+    assert ok is False
+    assert reason.startswith('TensorRT 10.3.0 is installed but the CUDA runtime is not: ')
+    assert 'libcudart' in reason and cuda_buffers.CUDA_HINT in reason
+
+
+def test_this_machines_cuda_runtime_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TensorRT stood in, the answer is this machine's libcudart's: here, no driver."""
+    try:
+        cuda = cuda_buffers.cuda_runtime()
+        gpus = cuda.device_count()
+    except ConfigError:
+        pytest.skip('no libcudart on this machine (the missing-library case is tested above)')
+    except cuda_buffers.CudaError as exc:
+        gpus, error = 0, str(exc)
+    else:
+        error = None
+    if gpus:
+        pytest.skip('this machine has a CUDA GPU')
+    _stand_in_tensorrt(monkeypatch)
+    ok, reason = tensorrt_available()
+    assert ok is False
+    if error is None:
+        assert reason == 'TensorRT 10.3.0 is installed but CUDA sees no GPU'
+    else:
+        assert reason == ('TensorRT 10.3.0 is installed but CUDA has no usable driver or GPU: '
+                          f'{error}')
 
 
 def test_tensorrt_8_is_too_old(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,10 +305,12 @@ def test_calibration_frames_reject_wrong_frames(bad: np.ndarray) -> None:
 
 @pytest.fixture(scope='module')
 def trt() -> types.ModuleType:
-    module = pytest.importorskip('tensorrt', reason=TRT_SKIP_REASON)
-    if not torch.cuda.is_available():
-        pytest.skip('TensorRT imports but torch sees no CUDA GPU')
-    return module
+    available, why = tensorrt_available()
+    if not available:
+        pytest.skip(f'needs TensorRT >= 10, libcudart and a CUDA GPU: {why}')
+    import tensorrt
+
+    return tensorrt
 
 
 @pytest.fixture(scope='module')
@@ -269,6 +342,8 @@ def images() -> np.ndarray:
 
 def _reference_tokens(frames: np.ndarray) -> np.ndarray:
     """The torch fp32 encoder on the CPU: what every backend must reproduce."""
+    import torch
+
     from malmm_ros.model.encoder import efficientnet_lite0, normalize
 
     model = efficientnet_lite0(pretrained=True)
@@ -305,6 +380,41 @@ def test_second_encoder_loads_the_cached_engine(
     assert engine_path.stat().st_mtime_ns == built_at
     assert sorted(p.name for p in engine_dir.glob('*.engine')) == [engine_path.name]
     np.testing.assert_allclose(again.run(images), fp16_encoder.run(images), rtol=0, atol=1e-6)
+    again.close()
+    again.close()  # idempotent
+    with pytest.raises(MalmmError, match='closed'):
+        again.run(images)
+
+
+def _cosine(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = got.ravel().astype(np.float64), want.ravel().astype(np.float64)
+    return float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+
+
+@pytest.mark.slow  # an INT8 build, calibrated frame by frame: tens of seconds
+def test_int8_engine_calibrates_on_uint8_frames(onnx_export: Path, tmp_path: Path,
+                                                images: np.ndarray) -> None:
+    """The calibrator feeds the uint8 frames themselves (the network's input type) from a
+    cuda_buffers device array; the engine it gives stays close to the fp32 reference, and a
+    second build reuses the calibration cache it wrote."""
+    from malmm_ros.runtime.quantize import default_calibration_frames
+
+    frames = default_calibration_frames(32)
+    encoder = TensorRTEncoder(onnx_export, cache_dir=tmp_path, precision='int8',
+                              calibration_frames=frames)
+    assert encoder.name == 'tensorrt-int8'
+    assert len(list(tmp_path.glob('*.calib'))) == 1
+    want = _reference_tokens(images)
+    got = encoder.run(images[:1])
+    assert got.shape == (1, 49, 1280) and got.dtype == np.float32
+    assert _cosine(got, want[:1]) > 0.9  # loose: 32 frames, per-tensor scales
+    encoder.close()
+    for engine in tmp_path.glob('*.engine*'):
+        engine.unlink()  # a rebuild, but from the cache: no frames needed
+    again = TensorRTEncoder(onnx_export, cache_dir=tmp_path, precision='int8',
+                            calibration_frames=[])
+    assert _cosine(again.run(images[:1]), want[:1]) > 0.9
+    again.close()
 
 
 @pytest.mark.parametrize('frames', [
