@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from malmm_ros.config import AnticipateConfig, model_preset
 from malmm_ros.data.sample_stream import panning_frames
@@ -305,8 +304,6 @@ def test_the_pipeline_runs_on_tensorrt_from_a_bundle(gpu: None, edge_bundle: Pat
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Encoder and step on TensorRT; int8 calibrates the encoder on the bundle's frames and
     builds the step graphs in fp16, saying so."""
-    if not torch.cuda.is_available():
-        pytest.skip('the TensorRT encoder keeps its buffers in torch CUDA tensors')
     config = AnticipateConfig().replace(runtime='onnx', bundle=str(edge_bundle),
                                         backend='tensorrt', precision=precision,
                                         engine_dir=str(tmp_path))
