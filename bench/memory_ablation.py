@@ -17,6 +17,10 @@ with the same budget, then scored on streams built from unseen shots:
   mbc       MBC with visual and query banks (MA-LMM)
 
     python bench/memory_ablation.py [--seeds 3] [--epochs 10] [--out bench/results/ablation]
+
+With --int8-check (issue 13) the variants (default: mbc) are trained on fp32 features as above
+and each trained model is scored twice, on the test streams encoded by the fp32 encoder and by
+the INT8 ONNX Runtime encoder: the same frames, so the difference is the INT8 encoder's alone.
 """
 
 from __future__ import annotations
@@ -94,10 +98,13 @@ def shot(image: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
     return frames
 
 
-def encode_pool(backend: str, seed: int) -> tuple[np.ndarray, dict[tuple[str, int], list[int]]]:
-    """Encode every shot frame once: tokens [F, 49, 1280] and (photo, shot) -> frame rows."""
+def encode_pool(backend: str, seed: int, precision: str = 'fp32'
+                ) -> tuple[np.ndarray, dict[tuple[str, int], list[int]]]:
+    """Encode every shot frame once: tokens [F, 49, 1280] and (photo, shot) -> frame rows.
+    The frames depend on `seed` only, so pools of one seed hold the same frames whatever the
+    encoder."""
     rng = np.random.default_rng(seed)
-    encoder = create_encoder(backend, threads=torch.get_num_threads())
+    encoder = create_encoder(backend, threads=torch.get_num_threads(), precision=precision)
     rows: dict[tuple[str, int], list[int]] = {}
     frames = []
     for name in CUE_PHOTOS + DISTRACTOR_PHOTOS:
@@ -159,12 +166,11 @@ def distractors(rows, count: int, shots: range, rng: np.random.Generator) -> lis
     return out[:count]
 
 
-def train_and_test(model: MalmmModel, overrides: dict, memory: int, train_set: PoolWindows,
-                   test_set: PoolWindows) -> float:
+def train_windows(model: MalmmModel, overrides: dict, memory: int, train_set: PoolWindows
+                  ) -> WindowModel:
     """Train `model` with the real loop (verb loss only, batch 16, 10 warm-up steps; the
     TrainConfig `overrides` add out_dir, seed, epochs, lr and the variant's memory settings) at
-    memory length `memory`; its verb accuracy on `test_set`. Shared with bench/sequence_bench.py.
-    """
+    memory length `memory`; the trained model with its memory, ready to score streams."""
     config = TrainConfig.from_dict({
         'device': 'cpu', 'optim.batch_size': 16, 'optim.warmup_steps': 10,
         'optim.label_smoothing': 0.0, 'optim.noun_weight': 0.0, 'optim.action_weight': 0.0,
@@ -173,18 +179,30 @@ def train_and_test(model: MalmmModel, overrides: dict, memory: int, train_set: P
     train(config, model, train_set, capacity=capacity, progress=False, save=False)
     spec = MemorySpec(capacity, policy=config.memory.policy,
                       query_memory=config.memory.query_memory)
-    runner = WindowModel(model, spec, current_frame_only=config.memory.current_frame_only)
+    return WindowModel(model, spec, current_frame_only=config.memory.current_frame_only)
+
+
+def accuracy(runner: WindowModel, test_set: PoolWindows) -> float:
+    """Verb accuracy of the trained `runner` on `test_set`."""
     scores = predict_windows(runner, test_set, batch_size=32)['verb']
     return float((scores.argmax(1) == test_set.verbs).mean())
 
 
-def run_variant(name: str, seed: int, train_set: PoolWindows, test_set: PoolWindows,
-                args: argparse.Namespace, out_dir: Path) -> float:
+def train_and_test(model: MalmmModel, overrides: dict, memory: int, train_set: PoolWindows,
+                   test_set: PoolWindows) -> float:
+    """`train_windows`, then the accuracy on `test_set`. Shared with bench/sequence_bench.py."""
+    return accuracy(train_windows(model, overrides, memory, train_set), test_set)
+
+
+def run_variant(name: str, seed: int, train_set: PoolWindows, test_sets: list[PoolWindows],
+                args: argparse.Namespace, out_dir: Path) -> list[float]:
+    """Train variant `name` once; its accuracy on each of `test_sets`."""
     torch.manual_seed(seed)
     model = MalmmModel(model_preset('edge', **ARCH), LabelMaps.placeholder(len(CUE_PHOTOS), 1))
-    return train_and_test(model, {'out_dir': str(out_dir / f'{name}-seed{seed}'), 'seed': seed,
-                                  'optim.epochs': args.epochs, 'optim.lr': 2e-3,
-                                  **VARIANTS[name]}, args.memory, train_set, test_set)
+    runner = train_windows(model, {'out_dir': str(out_dir / f'{name}-seed{seed}'),
+                                   'seed': seed, 'optim.epochs': args.epochs, 'optim.lr': 2e-3,
+                                   **VARIANTS[name]}, args.memory, train_set)
+    return [accuracy(runner, test_set) for test_set in test_sets]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,39 +214,70 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--test-streams', type=int, default=128)
     parser.add_argument('--backend', default='onnxruntime', choices=('onnxruntime', 'torch'))
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS),
+                        help='default: all; mbc with --int8-check')
+    parser.add_argument('--int8-check', action='store_true',
+                        help='score each trained model on fp32 and on INT8-encoder test '
+                             'features (ONNX Runtime)')
     parser.add_argument('--out', type=Path, default=Path('bench/results/ablation'))
     args = parser.parse_args(argv)
+    variants = args.variants or (['mbc'] if args.int8_check else list(VARIANTS))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     spec = StreamSpec(length=6 * args.memory, gap=4 * args.memory)
     began = time.perf_counter()
     pool, rows = encode_pool(args.backend, seed=1234)
-    results: dict[str, list[float]] = {v: [] for v in args.variants}
-    jobs = [(seed, v) for seed in range(args.seeds) for v in args.variants]
+    # The INT8 pool holds the same frames (same seed), encoded by the INT8 graph.
+    int8_pool = encode_pool('onnxruntime', seed=1234, precision='int8')[0] \
+        if args.int8_check else None
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    int8_results: dict[str, list[float]] = {v: [] for v in variants}
+    jobs = [(seed, v) for seed in range(args.seeds) for v in variants]
     bar = tqdm(jobs, desc='train+test', unit='run')
     for seed, variant in bar:
         rng = np.random.default_rng(seed)
         train_set = PoolWindows(pool, *make_streams(rows, args.train_streams, TRAIN_SHOTS,
                                                     spec, rng))
-        test_set = PoolWindows(pool, *make_streams(rows, args.test_streams, TEST_SHOTS,
-                                                   spec, rng))
-        accuracy = run_variant(variant, seed, train_set, test_set, args, args.out)
-        results[variant].append(accuracy)
-        bar.set_postfix(variant=variant, seed=seed, acc=f'{accuracy:.3f}')
+        streams, labels = make_streams(rows, args.test_streams, TEST_SHOTS, spec, rng)
+        test_sets = [PoolWindows(pool, streams, labels)]
+        if int8_pool is not None:
+            test_sets.append(PoolWindows(int8_pool, streams, labels))
+        scores = run_variant(variant, seed, train_set, test_sets, args, args.out)
+        results[variant].append(scores[0])
+        if int8_pool is not None:
+            int8_results[variant].append(scores[1])
+        bar.set_postfix(variant=variant, seed=seed, acc=f'{scores[0]:.3f}')
     minutes = (time.perf_counter() - began) / 60
     print(f'\nstreams of {spec.length} frames, cue >= {spec.gap} frames (4 x M, M = '
           f'{args.memory}) before the end; {args.train_streams} train / {args.test_streams} '
           f'test streams; {args.epochs} epochs; chance 25 %; {minutes:.1f} min')
+    summary = {'results': results, 'minutes': minutes, 'memory': args.memory,
+               'stream_length': spec.length, 'gap': spec.gap, 'epochs': args.epochs}
+    if int8_pool is not None:
+        print(int8_table(results, int8_results))
+        summary['int8_results'] = int8_results
+        # Its own file: a check of a few variants must not replace the full ablation's results.
+        (args.out / 'int8_check.json').write_text(json.dumps(summary, indent=2) + '\n')
+        return 0
     print(table(['variant', 'accuracy mean', 'std', 'per seed'],
                 [[variant, f'{100 * np.mean(accs):.1f} %', f'{100 * np.std(accs):.1f}',
                   ', '.join(f'{100 * a:.1f}' for a in accs)]
                  for variant, accs in results.items()]))
-    summary = {'results': results, 'minutes': minutes, 'memory': args.memory,
-               'stream_length': spec.length, 'gap': spec.gap, 'epochs': args.epochs}
     (args.out / 'ablation.json').write_text(json.dumps(summary, indent=2) + '\n')
     plot(results, args.out / 'ablation.png')
     return 0
+
+
+def int8_table(fp32: dict[str, list[float]], int8: dict[str, list[float]]) -> str:
+    """Test accuracy of each trained model with fp32 and with INT8-encoder features."""
+    rows = []
+    for variant, accs in fp32.items():
+        a, b = 100 * np.asarray(accs), 100 * np.asarray(int8[variant])
+        rows.append([variant, f'{a.mean():.1f} %', f'{b.mean():.1f} %',
+                     f'{(b - a).mean():+.1f}', f'{np.abs(b - a).max():.1f}',
+                     ', '.join(f'{x:.1f} / {y:.1f}' for x, y in zip(a, b, strict=True))])
+    return table(['variant', 'fp32 features', 'INT8 features', 'INT8 - fp32 (points)',
+                  'largest |difference| of a seed', 'per seed (fp32 / INT8)'], rows)
 
 
 def plot(results: dict[str, list[float]], path: Path) -> None:
