@@ -130,6 +130,11 @@ def quantize_encoder(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     batch = _checked_frames(frames)
     model = _load_fp32(fp32_onnx)
+    try:  # before the work, so a bad path fails at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f'cannot write the INT8 ONNX graph {out} ({exc.strerror or exc})'
+                          ) from None
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix='malmm-quantize-') as work:
         prepared = Path(work) / 'prepared.onnx'
@@ -140,7 +145,6 @@ def quantize_encoder(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
         if round_weights:
             model = round_conv_weights(model, batch, INPUT_NAME)
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
             with write_atomically(out) as tmp:
                 quantize_static(
                     model, tmp, _FrameReader(batch), quant_format=QuantFormat.QDQ,

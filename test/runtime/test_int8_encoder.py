@@ -265,6 +265,16 @@ def test_missing_or_corrupt_fp32_graph_is_a_checkpoint_error(tmp_path: Path) -> 
     assert not (tmp_path / 'int8.onnx').exists()
 
 
+@pytest.mark.slow  # exports the encoder
+def test_unwritable_output_is_a_config_error_naming_it(fp32_path: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    out = blocker / 'int8.onnx'
+    with pytest.raises(ConfigError, match=f'cannot write the INT8 ONNX graph {out}'):
+        quantize_encoder(fp32_path, out, default_calibration_frames(2))
+    assert blocker.read_text() == 'not a folder'
+
+
 def test_corrupt_int8_graph_given_to_the_encoder_is_refused(tmp_path: Path) -> None:
     corrupt = tmp_path / 'encoder.int8.onnx'
     corrupt.write_bytes(b'truncated')
