@@ -9,7 +9,8 @@ with the fp32 graph's 8-9 ms; token cosine to fp32 over 240 crops of eight photo
   4-6x the time.
 - Every operator ONNX Runtime quantizes: float depthwise convs are slower (0.76x) and, through
   ONNX Runtime's QDQ fusions, far less accurate (cosine 0.84).
-- `quant_pre_process` first: it folds the exporter's shape arithmetic around the pads.
+- `quant_pre_process` first: it folds the exporter's shape arithmetic around the pads. Then
+  the explicit pads go into the convs: 0.43x fp32 instead of 0.58x, the same tokens.
 - The rest of the error is the weights' (16-bit weights: cosine 0.995, at 2.3x fp32's time), so
   the conv weights are rounded with GPTQ on the calibration frames (`weight_rounding`): cosine
   0.989, at the same speed.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -118,6 +120,59 @@ def _load_fp32(path: Path) -> onnx.ModelProto:
     return model
 
 
+def _constant(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
+
+
+def _fold_pads_into_convs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each zero Pad that feeds only a Conv folded into that Conv's own pads.
+
+    The exporter pads explicitly (TF "same" padding is asymmetric at stride 2; a Conv's pads
+    may be too). ONNX Runtime folds those Pads at run time in fp32, but not around quantized
+    convs, where each stays a copy of a uint8 map: folded first, the INT8 graph runs in
+    0.43x fp32's time instead of 0.58x, with bit-identical tokens.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = []
+    for pad in model.graph.node:
+        users = consumers.get(pad.output[0], []) if pad.op_type == 'Pad' else []
+        if len(users) != 1 or users[0].op_type != 'Conv' or len(pad.input) > 3:
+            continue  # (a fourth input names the padded axes)
+        conv = users[0]
+        mode = next((a.s for a in pad.attribute if a.name == 'mode'), b'constant')
+        amounts = _constant(model, pad.input[1])
+        value = _constant(model, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0
+        auto_pad = next((a.s for a in conv.attribute if a.name == 'auto_pad'), b'NOTSET')
+        if mode != b'constant' or amounts is None or value is None or np.any(value != 0) \
+                or auto_pad != b'NOTSET' or len(amounts) != 8:
+            continue
+        begin, end = amounts[:4], amounts[4:]  # (N, C, H, W) each
+        if begin[0] or begin[1] or end[0] or end[1]:
+            continue  # pads batch or channels: not a conv's padding
+        old = next((list(a.ints) for a in conv.attribute if a.name == 'pads'), [0, 0, 0, 0])
+        new = [old[0] + int(begin[2]), old[1] + int(begin[3]), old[2] + int(end[2]),
+               old[3] + int(end[3])]  # (top, left, bottom, right)
+        for attribute in [a for a in conv.attribute if a.name == 'pads']:
+            conv.attribute.remove(attribute)
+        conv.attribute.append(onnx.helper.make_attribute('pads', new))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        model.graph.node.remove(pad)
+    # The pads' amounts are left unused: drop them (ONNX Runtime warns about each otherwise).
+    used = {name for node in model.graph.node for name in node.input}
+    unused = {name for pad in folded for name in pad.input[1:]} - used
+    for init in [i for i in model.graph.initializer if i.name in unused]:
+        model.graph.initializer.remove(init)
+    return model
+
+
 def quantize_encoder(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
                      frames: Iterable[np.ndarray], *, round_weights: bool = True) -> Path:
     """Write the INT8 (QDQ) version of the encoder graph `fp32_onnx` to `out`, atomically.
@@ -141,7 +196,7 @@ def quantize_encoder(fp32_onnx: str | os.PathLike, out: str | os.PathLike,
         # Folds the exporter's shape arithmetic (the TF "same" pads) into constants, so every
         # tensor has a shape the quantizer can use.
         quant_pre_process(model, prepared)
-        model = onnx.load(str(prepared))
+        model = _fold_pads_into_convs(onnx.load(str(prepared)))
         if round_weights:
             model = round_conv_weights(model, batch, INPUT_NAME)
         try:

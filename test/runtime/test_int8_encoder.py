@@ -20,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import skimage.data
 import torch
+from onnx import helper, numpy_helper
 
 from malmm_ros.errors import CheckpointError, ConfigError, FrameError
 from malmm_ros.imaging import resize_and_crop
 from malmm_ros.model.encoder import efficientnet_lite0
-from malmm_ros.runtime import create_encoder
+from malmm_ros.runtime import create_encoder, quantize
 from malmm_ros.runtime.onnx_export import export_onnx
 from malmm_ros.runtime.onnx_files import INPUT_NAME, INT8_ONNX_FILENAME, ONNX_FILENAME, OUTPUT_NAME
 from malmm_ros.runtime.onnxruntime_encoder import OnnxRuntimeEncoder
@@ -114,6 +116,7 @@ def test_int8_graph_has_the_encoder_interface_and_int8_weights(fp32_path: Path,
     assert [o.name for o in model.graph.output] == [OUTPUT_NAME]
     ops = [node.op_type for node in model.graph.node]
     assert ops.count('QuantizeLinear') >= 49 and ops.count('DequantizeLinear') >= 49
+    assert 'Pad' not in ops  # folded into the convs
     int8_weights = [init for init in model.graph.initializer
                     if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 4]
     assert len(int8_weights) == sum(op == 'Conv' for op in ops) == 49
@@ -281,6 +284,40 @@ def test_corrupt_int8_graph_given_to_the_encoder_is_refused(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match=f'cannot load ONNX file {corrupt}'):
         OnnxRuntimeEncoder(corrupt, precision='int8')
     assert corrupt.read_bytes() == b'truncated'  # a user's file is never replaced
+
+
+def test_pads_folded_into_convs_give_the_same_outputs() -> None:
+    """TF "same" padding at stride 2 (one more row and column at the end) folded into the conv;
+    a Pad that a second node also reads stays."""
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), 'w')
+    amounts = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), 'amounts')
+    shared = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), 'shared')
+    nodes = [
+        helper.make_node('Pad', ['x', 'amounts'], ['padded'], name='pad'),
+        helper.make_node('Conv', ['padded', 'w'], ['y'], name='conv', strides=[2, 2]),
+        helper.make_node('Pad', ['x', 'shared'], ['padded2'], name='pad2'),
+        helper.make_node('Conv', ['padded2', 'w'], ['z'], name='conv2'),
+        helper.make_node('Identity', ['padded2'], ['p'], name='also_reads_it'),
+    ]
+    graph = helper.make_graph(
+        nodes, 'pads', [helper.make_tensor_value_info('x', onnx.TensorProto.FLOAT,
+                                                      [1, 3, 8, 8])],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+         for name in ('y', 'z', 'p')], [weight, amounts, shared])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)], ir_version=8)
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> list[np.ndarray]:
+        session = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])
+        return session.run(None, {'x': x})
+
+    before = run(model)
+    folded = quantize._fold_pads_into_convs(model)
+    assert [n.name for n in folded.graph.node] == ['conv', 'pad2', 'conv2', 'also_reads_it']
+    assert [i.name for i in folded.graph.initializer] == ['w', 'shared']
+    for a, b in zip(before, run(folded), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_default_calibration_frames_cover_every_scene_and_scale() -> None:
