@@ -45,6 +45,7 @@ runtime-venvs:
 bench: $(STAMP)
 	$(PY) bench/stream_bench.py
 	$(PY) bench/encoder_bench.py
+	$(PY) bench/runtime_bench.py
 	$(PY) bench/node_bench.py
 	$(PY) bench/text_bench.py
 	$(PY) bench/train_bench.py
