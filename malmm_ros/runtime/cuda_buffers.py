@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import numpy as np
 from malmm_ros.errors import ConfigError, MalmmError
 
 __all__ = ['CUDA_HINT', 'CudaError', 'CudaRuntime', 'DeviceArray', 'cuda_runtime',
-           'library_candidates']
+           'library_candidates', 'release_all']
 
 CUDA_HINT = ('install the CUDA runtime (JetPack on a Jetson; the CUDA toolkit or pip install '
              'nvidia-cuda-runtime-cu12 elsewhere) or point CUDA_HOME at it')
@@ -189,3 +190,16 @@ class DeviceArray:
         if self.pointer:
             pointer, self.pointer = self.pointer, 0
             self.cuda.free(pointer)
+
+
+def release_all(cuda: CudaRuntime, buffers: Sequence[DeviceArray], stream: int,
+                what: str) -> None:
+    """Free `buffers` and `stream` once nothing uses them (a runner's close(), or its garbage
+    collection); a CUDA that is already shut down (interpreter exit) is only logged."""
+    try:
+        cuda.synchronize(stream)  # nothing may still read or write them
+        for buffer in buffers:
+            buffer.release()
+        cuda.destroy_stream(stream)
+    except CudaError as exc:
+        logging.getLogger(__name__).debug('releasing %s buffers: %s', what, exc)

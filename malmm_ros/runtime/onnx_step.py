@@ -16,6 +16,7 @@ import numpy as np
 
 from malmm_ros.errors import CheckpointError
 from malmm_ros.runtime.numpy_memory import NumpyMemory
+from malmm_ros.runtime.ort_session import checked_providers, session_options
 from malmm_ros.runtime.step_spec import StepSpec
 
 __all__ = ['OnnxStep', 'open_session']
@@ -29,19 +30,8 @@ def open_session(path: str | os.PathLike, *, threads: int = 0,
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    options.add_session_config_entry('session.inter_op.allow_spinning', '0')
-    available = ort.get_available_providers()
-    providers = providers or ['CPUExecutionProvider']
-    missing = [p for p in providers if p not in available]
-    if missing:
-        raise CheckpointError(f'ONNX Runtime providers {missing} are not available here '
-                              f'(available: {available})')
+    options = session_options(threads)
+    providers = checked_providers(providers)
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own types for unreadable graphs

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from malmm_ros.errors import CheckpointError, ConfigError, FrameError
+from malmm_ros.errors import ConfigError, FrameError
 from malmm_ros.imaging import IMAGE_SIZE
 from malmm_ros.runtime.onnx_files import (
     INPUT_NAME,
@@ -21,6 +21,7 @@ from malmm_ros.runtime.onnx_files import (
     ensure_onnx,
     open_onnx,
 )
+from malmm_ros.runtime.ort_session import checked_providers, session_options
 
 # ensure_onnx lives in onnx_files; it stays importable from here for existing callers.
 __all__ = ['PRECISIONS', 'OnnxRuntimeEncoder', 'ensure_onnx']
@@ -56,25 +57,8 @@ class OnnxRuntimeEncoder:
         if precision not in PRECISIONS:
             raise ConfigError(f'ONNX Runtime encoder precision must be one of '
                               f'{list(PRECISIONS)}, got {precision!r}')
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ONNX Runtime's idle threads spin by default; the Q-Former (torch) runs right after
-        # each frame in the same process and would find both cores busy spinning. Spinning
-        # makes the encoder alone faster with 2 threads (bench/encoder_bench.py), not the step.
-        spin = '1' if spinning else '0'
-        options.add_session_config_entry('session.intra_op.allow_spinning', spin)
-        options.add_session_config_entry('session.inter_op.allow_spinning', spin)
-        # Providers are checked before loading, so a missing one is never taken for a corrupt
-        # cached file (and re-exported).
-        available = ort.get_available_providers()
-        providers = providers or ['CPUExecutionProvider']
-        missing = [p for p in providers if p not in available]
-        if missing:
-            raise CheckpointError(f'ONNX Runtime providers {missing} are not available here '
-                                  f'(available: {available})')
+        options = session_options(threads, spinning=spinning)
+        providers = checked_providers(providers)
 
         def open_session(path: Path) -> ort.InferenceSession:
             return ort.InferenceSession(str(path), options, providers=providers)

@@ -30,7 +30,13 @@ import numpy as np
 
 from malmm_ros.errors import CheckpointError, ConfigError, FrameError, MalmmError
 from malmm_ros.files import atomic_write
-from malmm_ros.runtime.cuda_buffers import CudaError, CudaRuntime, DeviceArray, cuda_runtime
+from malmm_ros.runtime.cuda_buffers import (
+    CudaError,
+    CudaRuntime,
+    DeviceArray,
+    cuda_runtime,
+    release_all,
+)
 from malmm_ros.runtime.engine_cache import (
     PRECISIONS,
     EngineCache,
@@ -348,17 +354,6 @@ def _check_engine_io(trt: Any, engine: Any) -> None:
             raise CheckpointError(f'engine tensor {name!r} is {got}, expected {want}')
 
 
-def _release(cuda: CudaRuntime, buffers: list[DeviceArray], stream: int) -> None:
-    """Free the device buffers and the stream (at close(), or when the encoder is collected)."""
-    try:
-        cuda.synchronize(stream)  # nothing may still read or write them
-        for buffer in buffers:
-            buffer.release()
-        cuda.destroy_stream(stream)
-    except CudaError as exc:  # e.g. at interpreter exit, CUDA already shut down
-        _log.debug('releasing TensorRT encoder buffers: %s', exc)
-
-
 class TensorRTEncoder:
     """uint8 RGB frames [B, 224, 224, 3] -> float32 tokens [B, 49, 1280] with a TensorRT engine.
 
@@ -433,7 +428,8 @@ class TensorRTEncoder:
         # Our own stream: TensorRT warns about (and synchronizes more on) the default stream.
         self._stream = cuda.create_stream()
         allocated: list[DeviceArray] = []  # freed with the encoder, even if __init__ fails below
-        self._finalizer = weakref.finalize(self, _release, cuda, allocated, self._stream)
+        self._finalizer = weakref.finalize(self, release_all, cuda, allocated, self._stream,
+                                          'TensorRT encoder')
         self._input = DeviceArray(cuda, (max_batch, *IMAGE_SHAPE), np.uint8)
         allocated.append(self._input)
         self._output = DeviceArray(cuda, (max_batch, *TOKENS_SHAPE), np.float32)

@@ -29,7 +29,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from malmm_ros.errors import CheckpointError, ConfigError, MalmmError
-from malmm_ros.runtime.cuda_buffers import CudaError, CudaRuntime, DeviceArray, cuda_runtime
+from malmm_ros.runtime.cuda_buffers import (
+    CudaRuntime,
+    DeviceArray,
+    cuda_runtime,
+    release_all,
+)
 from malmm_ros.runtime.engine_cache import EngineCache, EngineKey, ensure_cache_dir, onnx_sha256
 from malmm_ros.runtime.step_spec import StepSpec
 from malmm_ros.runtime.tensorrt_encoder import (
@@ -167,17 +172,6 @@ class GraphInput(NamedTuple):
     dtype: np.dtype
 
 
-def _release(cuda: CudaRuntime, buffers: list[DeviceArray], stream: int) -> None:
-    """Free the device buffers and the stream (at close(), or when the graph is collected)."""
-    try:
-        cuda.synchronize(stream)  # nothing may still read or write them
-        for buffer in buffers:
-            buffer.release()
-        cuda.destroy_stream(stream)
-    except CudaError as exc:  # e.g. at interpreter exit, CUDA already shut down
-        _log.debug('releasing TensorRT graph buffers: %s', exc)
-
-
 class TensorRTGraph:
     """One ONNX graph as a TensorRT engine with fixed input shapes, run like an ONNX Runtime
     session: `get_inputs()` and `run(None, feeds) -> [outputs]`.
@@ -236,7 +230,8 @@ class TensorRTGraph:
         self._stream = cuda.create_stream()  # TensorRT syncs more on the default stream
         self._buffers: dict[str, DeviceArray] = {}
         allocated: list[DeviceArray] = []  # freed with the graph, even if __init__ fails below
-        self._finalizer = weakref.finalize(self, _release, cuda, allocated, self._stream)
+        self._finalizer = weakref.finalize(self, release_all, cuda, allocated, self._stream,
+                                          'TensorRT graph')
         for name in [*shapes, *self._outputs]:
             shape = tuple(self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
