@@ -165,7 +165,9 @@ class NodeHarness:
         self.log = open(self.log_path, 'wb')  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self.log,
                                         stderr=subprocess.STDOUT)
-        rclpy.init(context=self.context, domain_id=self._domain_id,
+        # args=[]: the watcher's command line belongs to its tool (malmm-demo, malmm-eval, a
+        # bench), not to ROS; rcl would read `name:=value` options there as remap rules.
+        rclpy.init(args=[], context=self.context, domain_id=self._domain_id,
                    signal_handler_options=SignalHandlerOptions.NO)
         self.node = Node(self._watcher_name, context=self.context)
         self.node.create_subscription(String, ACTIONS_TOPIC, self.actions_callback,
