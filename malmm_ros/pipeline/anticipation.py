@@ -102,20 +102,22 @@ class AnticipationPipeline:
     def _create_encoder(self) -> Any:
         """The configured encoder; a bundle's ONNX files for ONNX Runtime and TensorRT."""
         config = self.config
-        precision = config.encoder_precision()
+        # backend auto resolves precision auto itself, once it knows the backend it chose.
+        precision = config.precision if config.backend == 'auto' else config.encoder_precision()
         if config.backend == 'onnxruntime' and precision == 'fp16':
             raise ConfigError('precision fp16 is a TensorRT precision; ONNX Runtime runs fp32 '
                               'or int8 (or set precision: auto)')
-        onnx_path = calibration = None
-        if self.bundle is not None and config.backend in ('onnxruntime', 'tensorrt'):
-            onnx_path = self.bundle.encoder(precision if config.backend == 'onnxruntime'
-                                            else 'fp32')
-            if config.backend == 'tensorrt' and precision == 'int8':
-                # The frames the bundle's INT8 ONNX encoder was calibrated on.
-                calibration = self.bundle.calibration_frames()
+        onnx_path, frames = None, None
+        if self.bundle is not None:
+            # Its INT8 graph for ONNX Runtime int8; the fp32 graph for everything else (TensorRT
+            # builds its own precisions from it), so nothing is exported where torch is absent.
+            onnx_path = self.bundle.encoder('int8' if config.backend == 'onnxruntime'
+                                            and precision == 'int8' else 'fp32')
+            if config.backend in ('tensorrt', 'auto') and precision == 'int8':
+                frames = self.bundle.calibration_frames()  # what a TensorRT int8 build needs
         return create_encoder(config.backend, device=config.device, threads=config.threads(),
                               precision=precision, engine_dir=config.engine_dir or None,
-                              onnx_path=onnx_path, calibration_frames=calibration)
+                              onnx_path=onnx_path, calibration_frames=frames)
 
     @classmethod
     def from_config(cls, source: str | os.PathLike | dict[str, Any] | AnticipateConfig | None

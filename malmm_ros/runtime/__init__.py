@@ -45,7 +45,8 @@ def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
     on CUDA, ONNX Runtime on the CPU; it logs what it chose and why. `engine_dir` (default:
     `default_engine_dir()`) caches the ONNX export and TensorRT engines; the torch backend needs
     no files and ignores it. A cache folder that cannot be created or read is a ConfigError.
-    `precision`: fp32, fp16 or int8 for TensorRT; int8 or fp32 (anything else) for ONNX Runtime.
+    `precision`: fp32, fp16 or int8 for TensorRT (auto: fp16); int8 or fp32 (anything else)
+    for ONNX Runtime.
     `calibration_frames`: uint8 [224, 224, 3] frames a TensorRT int8 engine is calibrated on.
     """
     if backend not in BACKENDS:
@@ -68,6 +69,9 @@ def create_encoder(backend: str, *, device: str = 'cpu', threads: int = 0,
                                   precision='int8' if precision == 'int8' else 'fp32')
     from malmm_ros.runtime.onnx_files import default_engine_dir, ensure_onnx
     from malmm_ros.runtime.tensorrt_encoder import TensorRTEncoder, tensorrt_available
+
+    if precision == 'auto':  # backend auto chose TensorRT: its default precision
+        precision = 'fp16'
 
     available, why = tensorrt_available()
     if not available:

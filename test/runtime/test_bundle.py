@@ -213,3 +213,13 @@ print(count, pipeline.encoder.name)
     assert result.returncode == 0, result.stderr[-3000:]
     count, name = result.stdout.split()
     assert int(count) == 5 and 'int8' in name
+
+
+def test_backend_auto_takes_the_bundles_graph(edge_bundle: Path) -> None:
+    """With a bundle, backend auto never exports an encoder (a robot may have no torch): on
+    this CPU machine it picks ONNX Runtime with the bundle's fp32 graph."""
+    config = AnticipateConfig().replace(runtime='onnx', bundle=str(edge_bundle), backend='auto',
+                                        engine_dir='/nonexistent/never/written')
+    pipeline = AnticipationPipeline(config)
+    assert pipeline.encoder.name == 'onnxruntime-cpu'
+    assert Path(pipeline.encoder.path) == edge_bundle / 'encoder.fp32.onnx'
