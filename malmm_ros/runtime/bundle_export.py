@@ -103,6 +103,9 @@ def write_bundle(out: str | os.PathLike, config: AnticipateConfig, *,
             'exporter': _versions(),
             'source': str(Path(checkpoint).resolve()) if checkpoint else 'untrained',
             'trained': trained,
+            # The node config it was exported with (M, rate, backend ...), for the record; the
+            # robot's own config decides how it runs, its model section must match 'model'.
+            'config': config.to_dict(),
             'model': stored['model'],
             'protocol': {key: value for key, value in protocol.items()
                          if isinstance(value, int | float | str | bool)},

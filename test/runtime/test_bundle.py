@@ -50,6 +50,8 @@ def test_bundle_holds_every_file_with_its_digest(edge_bundle: Path) -> None:
     assert frames.std() > 10  # real photos
     assert {'torch', 'onnx', 'onnxruntime', 'numpy', 'python'} <= set(manifest['exporter'])
     assert manifest['protocol']['memory_bank_length'] == 20
+    assert manifest['config']['memory_bank_length'] == 20
+    assert manifest['config']['model']['hidden_size'] == bundle.spec.hidden_size
 
 
 @pytest.mark.parametrize(('damage', 'message'), [
