@@ -87,6 +87,16 @@ class ModelConfig:
         """The fields a checkpoint's weights depend on."""
         return {name: getattr(self, name) for name in self.ARCHITECTURE}
 
+    def architecture_differences(self, stored: ModelConfig, what: str) -> list[str]:
+        """'field: config X vs <what> Y' for each architecture field where the weights in
+        `stored` (a checkpoint's or a bundle's) differ from this config; without decays on
+        either side where they would live does not matter."""
+        wanted, found = self.architecture(), stored.architecture()
+        if not wanted['value_decays'] and not found['value_decays']:
+            found['decay_channels'] = wanted['decay_channels']
+        return [f'{name}: config {wanted[name]!r} vs {what} {found[name]!r}'
+                for name in wanted if wanted[name] != found[name]]
+
     def cross_attention_layers(self) -> tuple[int, ...]:
         """Indices of the layers that cross-attend to the visual bank."""
         return tuple(i for i in range(self.num_layers) if i % self.cross_attention_every == 0)

@@ -162,12 +162,9 @@ def load_checkpoint(
                                   f'integer, got {value!r}')
         dims[name] = value
     if config is not None:
-        wanted, found = config.architecture(), arch.architecture()
-        if not wanted['value_decays'] and not found['value_decays']:
-            found['decay_channels'] = wanted['decay_channels']  # no decays: nothing to place
-        diffs = [f'{name}: config {wanted[name]!r} vs checkpoint {found[name]!r}'
-                 for name in wanted if wanted[name] != found[name]]
+        diffs = config.architecture_differences(arch, 'checkpoint')
         if diffs:
+            wanted, found = config.architecture(), arch.architecture()
             hint = ''
             # As YAML spells them: 0 and false.
             older = [f'model.{name}: {str(found[name]).lower()}'

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from malmm_ros.config import AnticipateConfig, TextConfig, load_config
-from malmm_ros.errors import ConfigError, FrameError
+from malmm_ros.errors import ConfigError, FrameError, OutputError
 from malmm_ros.imaging import check_image, resize_and_crop
 from malmm_ros.labels import LabelMaps, action_id, top_pairs
 from malmm_ros.pipeline.prediction import ActionScore, ClassScore, Prediction
@@ -237,7 +237,7 @@ class AnticipationPipeline:
         if not self._stepped or self._newest is None:
             return None
         start = time.perf_counter()
-        verb_p, noun_p, action_p = self.runner.probabilities()
+        verb_p, noun_p, action_p = self._probabilities()
         verbs = _top_classes(verb_p, self.labels.verb_name)
         nouns = _top_classes(noun_p, self.labels.noun_name)
         if action_p is not None:
@@ -270,9 +270,19 @@ class AnticipationPipeline:
         """
         if not self._stepped:
             return None
-        return StepScores(*self.runner.probabilities())
+        return StepScores(*self._probabilities())
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _probabilities(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The runner's softmax of each head, checked: NaN would reach /malmm/actions as a JSON
+        token strict parsers reject, so a non-finite score withholds the prediction."""
+        out = self.runner.probabilities()
+        for name, probs in zip(('verb', 'noun', 'action'), out, strict=True):
+            if probs is not None and not np.isfinite(probs).all():
+                raise OutputError(f'the {name} head gave non-finite scores (broken weights or '
+                                  'input); prediction withheld')
+        return out
 
     def _top_actions_from_head(self, probs: np.ndarray) -> tuple[ActionScore, ...]:
         out = []
@@ -309,12 +319,10 @@ def _check_bundle_model(config: AnticipateConfig, bundle: Bundle) -> None:
 
     stored = dict(bundle.model)
     try:
-        found = model_preset(stored.pop('preset', 'edge'), **stored).architecture()
+        found = model_preset(stored.pop('preset', 'edge'), **stored)
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f'bundle {bundle.path}: bad model section: {exc}') from None
-    wanted = config.model.architecture()
-    diffs = [f'{name}: config {wanted[name]!r} vs bundle {found[name]!r}'
-             for name in wanted if wanted[name] != found[name]]
+    diffs = config.model.architecture_differences(found, 'bundle')
     if diffs:
         raise ConfigError(f'bundle {bundle.path} does not match the config: '
                           + '; '.join(diffs))

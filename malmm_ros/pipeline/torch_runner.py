@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from malmm_ros.config import AnticipateConfig
-from malmm_ros.errors import OutputError
 from malmm_ros.labels import LabelMaps
 from malmm_ros.model.checkpoint import (
     checkpoint_is_trained,
@@ -62,9 +61,4 @@ class TorchRunner:
             logits = self.model.classify(self.queries)
             out = [None if x is None else x.float().softmax(-1)[0].cpu().numpy()
                    for x in (logits.verb, logits.noun, logits.action)]
-        for name, probs in zip(('verb', 'noun', 'action'), out, strict=True):
-            # NaN would reach /malmm/actions as a JSON token strict parsers reject; never publish.
-            if probs is not None and not np.isfinite(probs).all():
-                raise OutputError(f'the {name} head gave non-finite scores (broken weights or '
-                                  'input); prediction withheld')
         return out[0], out[1], out[2]
