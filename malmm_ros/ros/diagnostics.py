@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
+from malmm_ros.ros.staleness import CameraSilence, Staleness
+
 __all__ = ['NodeStats', 'diagnostic_array', 'starved_message']
 
 
@@ -30,10 +32,16 @@ class NodeStats:
     started: float = field(default_factory=time.monotonic)
     step_ms: deque = field(default_factory=lambda: deque(maxlen=200))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The newest frame in the monotonic and the node's ROS clock (starved or not, sim time too).
+    camera: CameraSilence = field(init=False)
     _previous: tuple[float, int, int, int] | None = None  # (time, in, processed, dropped)
 
+    def __post_init__(self) -> None:
+        self.camera = CameraSilence(round(self.started * 1e9))
+
     def silence_s(self) -> float:
-        """Seconds since the newest frame arrived (since start when none has)."""
+        """Monotonic seconds since the newest frame arrived (since start when none has);
+        `camera.check` also knows sim time."""
         with self.lock:
             last = self.last_frame_time if self.last_frame_time is not None else self.started
         return time.monotonic() - last
@@ -51,12 +59,14 @@ class NodeStats:
 def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dropped: int,
                      backend: str, device: str, trained: bool, starved: str | None = None,
                      stamp_problem: str | None = None, extra: dict[str, Any] | None = None,
-                     text: dict[str, Any] | None = None) -> DiagnosticArray:
+                     text: dict[str, Any] | None = None, staleness: Staleness | None = None
+                     ) -> DiagnosticArray:
     """One DiagnosticStatus: ERROR (`starved`: no frames lately, the message says where the node
-    listens), WARN (bad stamps, dropping, untrained) or OK.
+    listens), WARN (sim time waiting for /clock, bad stamps, dropping, untrained) or OK.
 
     `extra`: more values (input topic, sampling counts); `text`: the describer's counts and
-    latency (text_* keys), when descriptions are on.
+    latency (text_* keys), when descriptions are on; `staleness`: the camera silence verdict
+    (`clock`, `silence_s` values).
     """
     with stats.lock:
         input_hz, processed_hz, dropping = stats.rates(dropped)
@@ -76,9 +86,14 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
                   stamp_problem=stamp_problem or 'none', **(extra or {}))
     if text is not None:
         values.update(text)
+    if staleness is not None:
+        values.update(staleness.values())
 
     if starved:
         level, message = DiagnosticStatus.ERROR, starved
+    elif staleness is not None and staleness.note:
+        level, message = DiagnosticStatus.WARN, f'use_sim_time is true: {staleness.note} ' \
+            '(sim time has not started)'
     elif stamp_problem:
         level, message = DiagnosticStatus.WARN, stamp_problem
     elif dropping:
@@ -100,9 +115,10 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
 IMAGE_TYPES = ('sensor_msgs/Image', 'sensor_msgs/CompressedImage')
 
 
-def starved_message(node: Any, input_topic: str, silence: float, *, never: bool) -> str:
+def starved_message(node: Any, input_topic: str, silence: float, *, never: bool,
+                    clock: str = 'wall') -> str:
     """Where the node listens and which image topics the graph has (a wrong remap is the
-    usual reason for silence)."""
+    usual reason for silence); `clock` 'sim': the silence is sim time, which the message says."""
     found: dict[str, list[str]] = {kind: [] for kind in IMAGE_TYPES}
     own = {name for name, _ in node.get_publisher_names_and_types_by_node(
         node.get_name(), node.get_namespace())}  # malmm/overlay is no camera
@@ -116,4 +132,5 @@ def starved_message(node: Any, input_topic: str, silence: float, *, never: bool)
     listing = '; '.join(f'{kind} topics: {", ".join(names) or "none"}'
                         for kind, names in found.items())
     since = ' (none since start)' if never else ''
-    return f'no frames on {input_topic} for {silence:.1f} s{since}; {listing}'
+    of_sim = ' of sim time' if clock == 'sim' else ''
+    return f'no frames on {input_topic} for {silence:.1f} s{of_sim}{since}; {listing}'
