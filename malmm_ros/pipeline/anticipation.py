@@ -74,6 +74,7 @@ class AnticipationPipeline:
         self.memory = self.runner.memory
         self.trained: bool = self.runner.trained
         self.labels: LabelMaps = self.runner.labels
+        self._owns_encoder = encoder is None  # close() frees only what it made
         self.encoder = encoder if encoder is not None else self._create_encoder()
         self.protocol_warnings: list[str] = []
         if checkpoint:
@@ -175,6 +176,17 @@ class AnticipationPipeline:
         if config.threads() != self.config.threads():
             self.runner.set_threads(config.threads())
         self.config = config
+
+    def close(self) -> None:
+        """Free what holds device memory now (TensorRT buffers and streams) instead of at
+        garbage collection; the pipeline is not used afterwards. Idempotent."""
+        parts = [getattr(self.runner, 'step_graphs', None)]
+        if self._owns_encoder:
+            parts.append(self.encoder)
+        for part in parts:
+            close = getattr(part, 'close', None)
+            if callable(close):
+                close()
 
     def reset(self) -> None:
         """Forget the stream: memory, sampling grid and time origin."""

@@ -23,11 +23,13 @@ PROG = 'malmm-anticipate'
 
 def usage() -> str:
     return (
-        f'usage: {PROG} [-h] [--ros-args [--params-file FILE] [-p NAME:=VALUE ...] '
+        f'usage: {PROG} [-h] [--managed] [--ros-args [--params-file FILE] [-p NAME:=VALUE ...] '
         '[-r image:=TOPIC ...]]\n\n'
         'Camera frames in (topic `image`, or `<image>/compressed` with input_transport '
         'compressed),\nnext-action predictions out on malmm/actions (JSON schema '
         'malmm_ros/actions/v1).\n\n'
+        '--managed: a lifecycle node; it starts unconfigured, configure loads the model,\n'
+        'activate takes frames (ros2 lifecycle set, or launch with managed:=true).\n\n'
         'Parameters (set with --params-file config/anticipate.yaml or -p NAME:=VALUE):\n'
         f'{parameter_help()}\n'
     )
@@ -79,6 +81,8 @@ def main(args: list[str] | None = None) -> int:
         if any(arg in ('-h', '--help') for arg in own):
             print(usage(), end='')
             return 0
+        managed = '--managed' in own
+        own = [arg for arg in own if arg != '--managed']
         if own:
             print(f'ERROR: unknown argument(s) {" ".join(own)}; node settings are ROS '
                   f'parameters: {PROG} --ros-args -p NAME:=VALUE (see {PROG} --help)',
@@ -96,7 +100,7 @@ def main(args: list[str] | None = None) -> int:
         except ModuleNotFoundError as exc:
             print(missing_module_hint(exc.name), file=sys.stderr)
             return 1
-        return run(argv, dds_note=dds)
+        return run(argv, dds_note=dds, managed=managed)
     except KeyboardInterrupt:  # during imports or start-up: nothing to clean up yet
         return 0
 

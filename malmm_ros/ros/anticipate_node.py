@@ -78,61 +78,116 @@ _DESCRIBER_SETTINGS = ('text.enabled', 'text.model_path', 'checkpoint', 'bundle'
                        'model.hidden_size')
 
 
-class AnticipateNode(Node):
-    """Subscribes to `image` (or `image/compressed`), publishes malmm/actions and friends."""
+class AnticipationMixin:
+    """What the plain node and the managed (lifecycle) node share: loading the model, the
+    topics, the callbacks and the worker. The node classes decide when each piece starts and
+    stops; methods here only use rclpy's Node API, so either node class can host them."""
 
-    def __init__(self, dds_note: str = 'DDS: the environment\'s settings') -> None:
-        super().__init__('malmm_anticipate')
+    pipeline: AnticipationPipeline | None
+    config: AnticipateConfig
+
+    def _init_state(self, dds_note: str) -> None:
         route_core_logging(self.get_logger())
         self.get_logger().info(dds_note)
-        self.config = declare_config_parameters(self)
-        refuse_unknown_parameters(self)
-        self.pipeline = _pipeline(self.config)
-        describer = _describer(self.config)  # a bad text.model_path stops the node here
+        self.pipeline = None
         self.slot = LatestSlot()
         self.stats = NodeStats()
         self._pipeline_lock = threading.Lock()  # pipeline swap, reset and push
         self._last_prediction: Prediction | None = None
         self._predictions_undescribed = 0  # predictions since the last description request
+        self.text: DescriptionWorker | None = None
+        self._subscription = None
+        self._outputs: list = []  # publishers, the reset service and the diagnostics timer
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._active = False  # taking frames (the managed node: its active state)
 
-        reliability = (ReliabilityPolicy.RELIABLE if self.config.qos.reliability == 'reliable'
-                       else ReliabilityPolicy.BEST_EFFORT)
-        camera_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.config.qos.depth,
-                                reliability=reliability)
+    def _load(self, config: AnticipateConfig) -> tuple[AnticipationPipeline,
+                                                       TextDescriber | None]:
+        """The pipeline and the describer `config` asks for; MalmmError names what is wrong."""
+        pipeline = _pipeline(config)
+        try:
+            return pipeline, _describer(config)  # a bad text.model_path fails here
+        except BaseException:
+            pipeline.close()
+            raise
+
+    def _open_outputs(self, *, managed: bool) -> None:
+        """Publishers, the reset service and the diagnostics timer. With `managed` the
+        prediction topics are lifecycle publishers (silent unless active); /diagnostics and the
+        labels are not, so a monitor sees an inactive node and what it would predict."""
+        publisher = self.create_lifecycle_publisher if managed else self.create_publisher
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.actions_pub = publisher(String, 'malmm/actions', reliable)
+        self.labels_pub = self.create_publisher(String, 'malmm/labels', latched)
+        self.overlay_pub = publisher(Image, 'malmm/overlay', 1)
+        self.description_pub = publisher(String, 'malmm/description', reliable)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._outputs = [self.actions_pub, self.labels_pub, self.overlay_pub,
+                         self.description_pub, self.diagnostics_pub,
+                         self.create_service(Trigger, '~/reset', self.reset_callback),
+                         self.create_timer(1.0, self.diagnostics_callback)]
+
+    def _close_outputs(self) -> None:
+        for entity in self._outputs:
+            if entity in (self.actions_pub, self.overlay_pub, self.description_pub) and \
+                    hasattr(self, 'destroy_lifecycle_publisher'):
+                self.destroy_lifecycle_publisher(entity)
+            elif hasattr(entity, 'srv_type'):
+                self.destroy_service(entity)
+            elif hasattr(entity, 'timer_period_ns'):
+                self.destroy_timer(entity)
+            else:
+                self.destroy_publisher(entity)
+        self._outputs = []
+
+    def _resolve_input(self) -> None:
+        """The input topic and type for the config's transport."""
         # image_transport's convention: the compressed stream is `<image topic>/compressed`,
         # so one remap of `image` serves both transports. An explicit remap of
         # `image/compressed` (older launch files) still wins.
         image_topic = self.resolve_topic_name('image')
         if self.config.input_transport == 'raw':
-            kind, self.input_topic = Image, image_topic
+            self._input_kind, self.input_topic = Image, image_topic
         else:
-            kind = CompressedImage
+            self._input_kind = CompressedImage
             explicit = self.resolve_topic_name('image/compressed')
             remapped = explicit != self.resolve_topic_name('image/compressed', only_expand=True)
             self.input_topic = explicit if remapped else f'{image_topic}/compressed'
-        self.input_type = f'sensor_msgs/{kind.__name__}'
-        self.create_subscription(kind, self.input_topic, self.image_callback, camera_qos)
-        self.actions_pub = self.create_publisher(String, 'malmm/actions', QoSProfile(
-            depth=10, reliability=ReliabilityPolicy.RELIABLE))
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        self.labels_pub = self.create_publisher(String, 'malmm/labels', latched)
-        self.overlay_pub = self.create_publisher(Image, 'malmm/overlay', 1)
-        self.description_pub = self.create_publisher(String, 'malmm/description', QoSProfile(
-            depth=10, reliability=ReliabilityPolicy.RELIABLE))
-        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self.create_service(Trigger, '~/reset', self.reset_callback)
-        self.create_timer(1.0, self.diagnostics_callback)
-        self.add_on_set_parameters_callback(self.parameters_callback)
-        self._publish_labels()
+        self.input_type = f'sensor_msgs/{self._input_kind.__name__}'
 
-        self.text = DescriptionWorker(describer, self._publish_description,
-                                      self._description_failed)
+    def _open_input(self) -> None:
+        """Start the worker, then subscribe: frames flow from here on."""
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._inference_loop, name='malmm_inference',
-                                        daemon=True)
+        self._worker = threading.Thread(target=self._inference_loop, args=(self._stop,),
+                                        name='malmm_inference', daemon=True)
         self._worker.start()
-        self._log_describer(describer)
+        qos = self.config.qos
+        reliability = (ReliabilityPolicy.RELIABLE if qos.reliability == 'reliable'
+                       else ReliabilityPolicy.BEST_EFFORT)
+        camera_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=qos.depth,
+                                reliability=reliability)
+        with self.stats.lock:  # silence counts from here: an inactive node is not starved
+            self.stats.started, self.stats.last_frame_time = time.monotonic(), None
+        self._subscription = self.create_subscription(
+            self._input_kind, self.input_topic, self.image_callback, camera_qos)
+        self._active = True
+
+    def _close_input(self) -> None:
+        """Unsubscribe and stop the worker after its current step; the memory stays."""
+        self._active = False
+        if self._subscription is not None:
+            self.destroy_subscription(self._subscription)
+            self._subscription = None
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=5.0)
+            self._worker = None
+        self.slot.clear()
+
+    def _log_listening(self) -> None:
         qos = self.config.qos
         self.get_logger().info(
             f'listening on {self.input_topic} ({self.input_type}, {qos.reliability}, depth '
@@ -189,17 +244,20 @@ class AnticipateNode(Node):
         if not changes:
             return SetParametersResult(successful=True)
         frozen = sorted(set(changes) & READ_ONLY)
-        if frozen:
+        if frozen and self._subscription is not None:
             return SetParametersResult(successful=False, reason=f'{", ".join(frozen)} cannot '
                                        'change at run time; restart the node')
         try:
             config = config_from_parameters(self, changes)
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
+        if self.pipeline is None:  # the managed node before configure: it loads this config
+            self.config = config
+            return SetParametersResult(successful=True)
         old = self.config.to_parameters()
         new = config.to_parameters()
         reload_text = any(old[name] != new[name] for name in _DESCRIBER_SETTINGS)
-        describer = self.text.describer
+        describer = self.text.describer if self.text is not None else None
         rebuilt = self.pipeline.rebuild_settings(config)
         try:
             # Everything is loaded before anything changes (a refusal leaves all as it was),
@@ -213,8 +271,9 @@ class AnticipateNode(Node):
             if pipeline is None:
                 self.pipeline.apply_settings(config)
             else:
-                self.pipeline = pipeline
+                self.pipeline, old_pipeline = pipeline, self.pipeline
         if pipeline is not None:
+            old_pipeline.close()
             self._publish_labels()
             with self.stats.lock:
                 self.stats.memory_slots = 0
@@ -224,7 +283,7 @@ class AnticipateNode(Node):
                                    f'{self.pipeline.encoder.name}, '
                                    f'trained={self.pipeline.trained}')
         self.config = config
-        if reload_text:
+        if reload_text and self.text is not None:
             self.text.describer = describer
             self._log_describer(describer)
         elif describer is not None:  # prompt, length, decoding: from the next description on
@@ -238,7 +297,7 @@ class AnticipateNode(Node):
         sampler = pipeline.sampler
         silence = self.stats.silence_s()
         starved = None
-        if silence > self.config.stale_after_s:
+        if self._active and silence > self.config.stale_after_s:
             with self.stats.lock:
                 never = self.stats.last_frame_time is None
             starved = starved_message(self, self.input_topic, silence, never=never)
@@ -250,7 +309,8 @@ class AnticipateNode(Node):
             self.get_logger().warning(problem, throttle_duration_sec=THROTTLE_S)
         extra = {'input_topic': self.input_topic, 'input_type': self.input_type,
                  'rate_limited': sampler.rate_limited,
-                 'memory_clock': 'arrival' if sampler.by_arrival else 'stamp'}
+                 'memory_clock': 'arrival' if sampler.by_arrival else 'stamp',
+                 **self._state_values()}
         self.diagnostics_pub.publish(diagnostic_array(
             self.get_clock().now().to_msg(), name=f'{self.get_name()}: anticipation',
             hardware_id=pipeline.encoder.name, stats=self.stats, dropped=self.slot.dropped,
@@ -260,15 +320,15 @@ class AnticipateNode(Node):
 
     # -- worker -----------------------------------------------------------------------------
 
-    def _inference_loop(self) -> None:
-        while not self._stop.is_set():
+    def _inference_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
             try:
                 self._process(*item)
             except Exception as exc:  # the worker must outlive any one frame
-                if self._stop.is_set() or not self.context.ok():
+                if stop.is_set() or not self.context.ok():
                     return  # shutting down (SIGINT/SIGTERM): nothing left to publish to
                 with self.stats.lock:
                     self.stats.errors += 1
@@ -323,7 +383,7 @@ class AnticipateNode(Node):
 
     def _request_description(self, prediction: Prediction, queries: object) -> None:
         """Every text.every_n_predictions predictions, hand the queries to the describer."""
-        if self.text.describer is None or queries is None:
+        if self.text is None or self.text.describer is None or queries is None:
             return
         self._predictions_undescribed += 1
         if self._predictions_undescribed < self.config.text.every_n_predictions:
@@ -340,7 +400,7 @@ class AnticipateNode(Node):
                                 throttle_duration_sec=THROTTLE_S)
 
     def _text_values(self) -> dict[str, object] | None:
-        describer = self.text.describer
+        describer = self.text.describer if self.text is not None else None
         if describer is None:
             return None
         return {'text_model': describer.name, 'text_trained': describer.trained,
@@ -362,16 +422,43 @@ class AnticipateNode(Node):
         labels['trained'] = self.pipeline.trained
         self.labels_pub.publish(String(data=json.dumps(labels, allow_nan=False)))
 
+    def _state_values(self) -> dict[str, object]:
+        """Diagnostics values of the node's own state (the managed node adds its lifecycle)."""
+        return {}
+
     def stop(self) -> None:
-        """Stop the worker thread (called before the node is destroyed)."""
-        self._stop.set()
-        self.text.stop()
-        self._worker.join(timeout=5.0)
+        """Stop the worker and describer threads (called before the node is destroyed)."""
+        self._close_input()
+        if self.text is not None:
+            self.text.stop()
 
 
-def run(args: list[str] | None = None, *, dds_note: str = 'DDS: the environment\'s settings'
-        ) -> int:
+class AnticipateNode(AnticipationMixin, Node):
+    """Subscribes to `image` (or `image/compressed`), publishes malmm/actions and friends;
+    loads everything and starts taking frames in its constructor."""
+
+    def __init__(self, dds_note: str = 'DDS: the environment\'s settings') -> None:
+        super().__init__('malmm_anticipate')
+        self._init_state(dds_note)
+        self.config = declare_config_parameters(self)
+        refuse_unknown_parameters(self)
+        self.pipeline, describer = self._load(self.config)
+        self._resolve_input()
+        self._open_outputs(managed=False)
+        self.add_on_set_parameters_callback(self.parameters_callback)
+        self._publish_labels()
+        self.text = DescriptionWorker(describer, self._publish_description,
+                                      self._description_failed)
+        self._open_input()
+        self._log_describer(describer)
+        self._log_listening()
+
+
+def run(args: list[str] | None = None, *, dds_note: str = 'DDS: the environment\'s settings',
+        managed: bool = False) -> int:
     """Start ROS, run the node until Ctrl-C or shutdown; 0 on a clean end, 1 on a MalmmError.
+
+    `managed`: the lifecycle node (ros/managed_node.py), which starts unconfigured.
 
     A signal during start-up shuts the context down under the node's feet, so rcl calls may
     fail (RCLError "context is invalid") before KeyboardInterrupt arrives: any failure while
@@ -380,7 +467,12 @@ def run(args: list[str] | None = None, *, dds_note: str = 'DDS: the environment\
     node = None
     try:
         rclpy.init(args=args)
-        node = AnticipateNode(dds_note)
+        if managed:
+            from malmm_ros.ros.managed_node import ManagedAnticipateNode
+
+            node = ManagedAnticipateNode(dds_note)
+        else:
+            node = AnticipateNode(dds_note)
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -62,7 +62,10 @@ def declare_config_parameters(node: Node, defaults: AnticipateConfig | None = No
 def config_from_parameters(node: Node, changes: dict[str, Any] | None = None
                            ) -> AnticipateConfig:
     """The config the node's parameters describe, with optional pending `changes` applied."""
-    values = {name: node.get_parameter(name).value for name in field_specs()}
+    try:
+        values = {name: node.get_parameter(name).value for name in field_specs()}
+    except Exception as exc:  # a parameter whose declaration failed (the managed node)
+        raise ConfigError(f'parameters incomplete: {exc}') from None
     values.update(changes or {})
     return AnticipateConfig.from_dict(values, source='parameters')
 

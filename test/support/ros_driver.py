@@ -97,8 +97,10 @@ class NodeProcess:
     """
 
     def __init__(self, domain_id: int, params: Iterable[str] = (), *, log_dir: Path,
-                 name: str = 'node', params_file: Path = CONFIG) -> None:
-        self.cmd = [node_executable(), '--ros-args', '--params-file', str(params_file),
+                 name: str = 'node', params_file: Path = CONFIG, managed: bool = False
+                 ) -> None:
+        self.cmd = [node_executable(), *(['--managed'] if managed else []), '--ros-args',
+                    '--params-file', str(params_file),
                     '-r', f'image:={CAMERA_TOPIC}',
                     '-r', f'image/compressed:={CAMERA_TOPIC}/compressed',  # as the launch file
                     '-p', 'num_threads:=1']
@@ -390,14 +392,15 @@ class NodeSession:
     """
 
     def __init__(self, domain_id: int, params: Sequence[str], *, log_dir: Path,
-                 compressed: bool = False, name: str = 'node', publisher_depth: int = 10
-                 ) -> None:
+                 compressed: bool = False, name: str = 'node', publisher_depth: int = 10,
+                 managed: bool = False) -> None:
         self.domain_id = domain_id
         self.compressed = compressed
         params = list(params)
         if compressed:
             params.append('input_transport:=compressed')
-        self.process = NodeProcess(domain_id, params, log_dir=log_dir, name=name)
+        self.process = NodeProcess(domain_id, params, log_dir=log_dir, name=name,
+                                   managed=managed)
         try:
             self.driver = Driver(domain_id)
         except BaseException:
