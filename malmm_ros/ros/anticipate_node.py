@@ -160,6 +160,7 @@ class AnticipationMixin:
 
     def _open_input(self) -> None:
         """Start the worker, then subscribe: frames flow from here on."""
+        self._resolve_input()  # the managed node may have changed transport while inactive
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._inference_loop, args=(self._stop,),
                                         name='malmm_inference', daemon=True)

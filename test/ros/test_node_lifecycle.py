@@ -112,6 +112,8 @@ def test_activate_takes_frames_and_predicts(session: NodeSession) -> None:
     status = session.fresh_diagnostics()
     assert status['values']['lifecycle_state'] == 'active'
     assert int(status['values']['memory_slots']) == 2
+    refused = session.set_parameters(qos__depth=3)[0]  # needs a new subscription
+    assert not refused.successful and 'qos.depth' in refused.reason
 
 
 def test_deactivate_stops_taking_frames_and_keeps_the_memory(session: NodeSession) -> None:
@@ -130,6 +132,8 @@ def test_deactivate_stops_taking_frames_and_keeps_the_memory(session: NodeSessio
     assert status['frames_in'] == before['frames_in']
     assert status['memory_slots'] == before['memory_slots'] == '2'
     assert len(session.actions) == predictions
+    # Not subscribed: the camera QoS may change now and applies at the next activate.
+    assert session.set_parameters(qos__depth=3)[0].successful
 
 
 def test_activate_again_continues_the_same_stream(session: NodeSession) -> None:
