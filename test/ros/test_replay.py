@@ -3,6 +3,10 @@
 Both run as separate processes with their own ROS_DOMAIN_ID (localhost discovery only), so
 this test process never initialises rclpy. The subscriber (test/support/collect.py) writes what it
 received as JSON; the test compares it with the bag read back by rosbags.
+
+The --clock pieces (bag time from the schedule, the tick grid, replay() moving the clock) are
+checked here without DDS, on a virtual monotonic clock; /clock over DDS into a node with
+use_sim_time is test_sim_time.py's.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import pytest
 
 from malmm_ros.data.bags import image_topics, read_camera_frames, write_camera_bag
 from malmm_ros.data.sample_stream import panning_frames
+from malmm_ros.ros import replay as replay_module
+from malmm_ros.ros.replay import BagClock, bag_time_ns, main, next_tick, replay
 from support.domains import domain_ids
 
 REPLAY = Path(sys.executable).with_name('malmm-replay')
@@ -197,3 +203,136 @@ def test_bad_bag_is_an_error(tmp_path: Path, procs: _Procs) -> None:
     stdout, stderr = procs.output('replay')
     assert stderr.startswith('ERROR: ') and 'no_such_bag' in stderr, stderr
     assert 'Traceback' not in stderr
+
+
+# -- --clock, without DDS ---------------------------------------------------------------------
+
+S = 1_000_000_000
+
+
+@pytest.mark.parametrize('value', ['0', '-1', 'nan', 'inf', '1001', 'abc', ''])
+def test_bad_clock_rate_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   value: str) -> None:
+    bag = _bag(tmp_path, '/replay_clock_args/image_raw')
+    assert main([str(bag), '--clock', value, '--wait-subscribers', '0']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('ERROR: --clock must be a frequency in Hz, above 0 and at most 1000'
+                          ), err
+    assert repr(value) in err
+
+
+@pytest.mark.parametrize(('argv', 'hz'), [(['BAG', '--clock'], 40.0),
+                                          (['--clock', 'BAG'], 40.0),
+                                          (['BAG', '--clock', '--rate', '2'], 40.0),
+                                          (['BAG', '--clock', '12.5'], 12.5),
+                                          (['--clock=5', 'BAG'], 5.0),
+                                          (['BAG'], None)])
+def test_clock_argument_forms(tmp_path: Path, argv: list[str], hz: float | None) -> None:
+    """A bare --clock is rosbag2's 40 Hz wherever it stands, even right before the bag."""
+    bag = _bag(tmp_path, '/replay_clock_args/image_raw')
+    args = replay_module._parse([str(bag) if a == 'BAG' else a for a in argv])
+    assert Path(args.bag) == bag
+    replay_module._plan(args)
+    assert args.clock == hz
+
+
+def test_bag_time_follows_the_schedule_at_the_rate() -> None:
+    def at(wall_ns: int, rate: float) -> int:
+        return bag_time_ns(wall_ns, anchor_wall_ns=10 * S, anchor_bag_ns=1_000 * S, rate=rate)
+    assert at(10 * S, 1.0) == 1_000 * S
+    assert at(12 * S, 1.0) == 1_002 * S
+    assert at(12 * S, 4.0) == 1_008 * S  # --rate 4: bag time runs 4 times as fast
+    assert at(12 * S, 0.5) == 1_001 * S
+    assert at(9 * S, 1.0) == 1_000 * S  # never before the anchor
+
+
+def test_tick_grid_skips_missed_ticks_without_drift() -> None:
+    period = 25_000_000  # 40 Hz
+    assert next_tick(0, period, 1_000_000) == period  # on time
+    assert next_tick(0, period, period) == 2 * period  # exactly due: the next one
+    # 100 ms late (a busy machine): one tick at the next grid point, not four at once.
+    assert next_tick(0, period, 101_000_000) == 5 * period
+    due = 0
+    for now in range(0, 10 * S, 7_000_000):  # any wake-up pattern stays on the grid
+        if now >= due:
+            due = next_tick(due, period, now)
+            assert due % period == 0 and due > now
+
+
+def test_bag_clock_holds_runs_and_holds() -> None:
+    clock = BagClock(1_000 * S, rate=2.0)
+    assert clock.now(5 * S) == clock.now(500 * S) == 1_000 * S  # held before the first message
+    clock.run(10 * S, 1_000 * S)
+    assert clock.now(11 * S) == 1_002 * S
+    clock.hold(1_003 * S)
+    assert clock.now(100 * S) == 1_003 * S
+    clock.run(200 * S, 1_000 * S)  # the next pass of a looped bag: back to its start
+    assert clock.now(200 * S) == 1_000 * S
+
+
+class _VirtualTime:
+    """time.monotonic / monotonic_ns / sleep of the replay module on a clock the test owns, so
+    that replay()'s schedule and its clock are checked exactly, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now_ns = 1_000 * S
+
+    def monotonic(self) -> float:
+        return self.now_ns / 1e9
+
+    def monotonic_ns(self) -> int:
+        return self.now_ns
+
+    def sleep(self, seconds: float) -> None:
+        self.now_ns += max(1, round(seconds * 1e9))
+
+
+class _ClockedPublisher:
+    """Records (bag clock, message stamp) at every publish."""
+
+    def __init__(self, clock: BagClock, virtual: _VirtualTime) -> None:
+        self.clock, self.virtual = clock, virtual
+        self.seen: list[tuple[int, int]] = []
+
+    def publish(self, rawdata: bytes) -> None:
+        self.seen.append((self.clock.now(self.virtual.now_ns), len(self.seen)))
+
+
+@pytest.mark.parametrize('rate', [1.0, 4.0, 0.5])
+def test_replay_clock_shows_each_messages_log_time(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   rate: float) -> None:
+    bag = _bag(tmp_path, '/replay_clock/image_raw')
+    logs = [f.stamp_ns for f in read_camera_frames(bag)]  # log time == stamp in these bags
+    virtual = _VirtualTime()
+    monkeypatch.setattr(replay_module, 'time', virtual)
+    clock = BagClock(logs[0], rate)
+    publisher = _ClockedPublisher(clock, virtual)
+    start = virtual.now_ns
+    stats = replay(bag, {_bag_topic(bag): publisher}, rate=rate, clock=clock)
+    assert stats.published == len(logs)
+    shown = [c for c, _ in publisher.seen]
+    assert all(abs(c - log) <= 1_000 for c, log in zip(shown, logs, strict=True)), \
+        [(c - log) for c, log in zip(shown, logs, strict=True)]
+    assert clock.now(virtual.now_ns + 100 * S) == logs[-1]  # held at the end
+    elapsed = virtual.now_ns - start
+    assert abs(elapsed - (logs[-1] - logs[0]) / rate) <= 1_000_000  # and the schedule kept
+
+
+def test_looped_replay_clock_jumps_back_with_the_bag(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bag = _bag(tmp_path, '/replay_clock/image_raw')
+    logs = [f.stamp_ns for f in read_camera_frames(bag)]
+    virtual = _VirtualTime()
+    monkeypatch.setattr(replay_module, 'time', virtual)
+    clock = BagClock(logs[0], 2.0)
+    publisher = _ClockedPublisher(clock, virtual)
+    wanted = 2 * len(logs) + 3
+    stats = replay(bag, {_bag_topic(bag): publisher}, rate=2.0, loop=True,
+                   ok=lambda: len(publisher.seen) < wanted, clock=clock)
+    assert stats.interrupted and stats.loops == 2
+    shown = [c for c, _ in publisher.seen]
+    expected = (logs * 3)[:wanted]
+    assert all(abs(c - log) <= 1_000 for c, log in zip(shown, expected, strict=True))
+    jumps = [i for i in range(1, len(shown)) if shown[i] < shown[i - 1]]
+    assert jumps == [len(logs), 2 * len(logs)]
