@@ -150,9 +150,10 @@ class AnticipationPipeline:
         return self.runner.queries if self._stepped else None
 
     # Settings that change how frames are fed, not the model or its memory; the text group
-    # concerns only a describer beside the pipeline.
+    # concerns only a describer beside the pipeline, transport and QoS only the subscription.
     LIVE_SETTINGS = frozenset({'sample_fps', 'publish_every_n', 'max_gap_s', 'stale_after_s',
-                               'max_image_side', 'num_threads'}
+                               'max_image_side', 'num_threads', 'input_transport',
+                               'qos.reliability', 'qos.depth'}
                               | {f'text.{name}' for name in TextConfig.__dataclass_fields__})
 
     def rebuild_settings(self, config: AnticipateConfig) -> list[str]:
