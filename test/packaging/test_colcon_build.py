@@ -6,71 +6,22 @@ The package is copied into a fresh workspace so the build never writes into the 
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = 'malmm_ros'
-VENV_BIN = Path(sys.executable).parent
-COLCON = VENV_BIN / 'colcon'
-PROBLEM = re.compile(r'\berror\b|Traceback|\bfailed\b|\baborted\b', re.IGNORECASE)
-# Fallback when git is unavailable: the ignored paths that matter for a build.
-IGNORE = shutil.ignore_patterns('.venv', '.git', 'build', 'install', 'log', '__pycache__',
-                                '*.egg-info', '.pytest_cache', '.ruff_cache', 'engines')
+from support.colcon_ws import PACKAGE, PROBLEM, colcon_build, colcon_missing
+
 pytestmark = pytest.mark.slow  # one real colcon build for the module
-
-
-def _copy_package(dest: Path) -> None:
-    """Tracked plus untracked-but-not-ignored files, as a fresh clone with local edits."""
-    try:
-        listed = subprocess.run(
-            ['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
-            cwd=ROOT, capture_output=True, check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        shutil.copytree(ROOT, dest, ignore=IGNORE)
-        return
-    for name in filter(None, listed.decode().split('\0')):
-        src = ROOT / name
-        if src.is_file():  # tracked files deleted in the work tree are listed too
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)  # keeps the executable bit of scripts/anticipate
 
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Build once for all checks; returns the install prefix and colcon's output."""
-    try:
-        import colcon_core  # noqa: F401
-        import colcon_ros  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f'colcon is not installed ({exc}); pip install colcon-common-extensions')
-    if not COLCON.exists():
-        pytest.skip(f'no colcon executable next to {sys.executable}')
-    ws = tmp_path_factory.mktemp('ws')
-    _copy_package(ws / 'src' / PACKAGE)
-    env = {
-        **os.environ,
-        # colcon runs setup.py with the python it finds first: the venv's, not the system's.
-        'PATH': f'{VENV_BIN}{os.pathsep}{os.environ.get("PATH", "")}',
-        'PYTHONDONTWRITEBYTECODE': '1',
-        'COLCON_HOME': str(ws / '.colcon'),  # no user-level defaults or mixins
-    }
-    env.pop('COLCON_DEFAULTS_FILE', None)
-    start = time.monotonic()
-    proc = subprocess.run(
-        [str(COLCON), 'build', '--base-paths', 'src', '--event-handlers', 'console_direct+'],
-        cwd=ws, env=env, capture_output=True, text=True, timeout=300)
-    output = f'{proc.stdout}\n{proc.stderr}'
-    assert proc.returncode == 0, f'colcon build failed ({time.monotonic() - start:.1f} s):\n' \
-        f'{output[-6000:]}'
-    return ws / 'install' / PACKAGE, output
+    missing = colcon_missing()
+    if missing:
+        pytest.skip(missing)
+    return colcon_build(tmp_path_factory.mktemp('ws'))
 
 
 @pytest.mark.parametrize('relative', [
