@@ -1,7 +1,8 @@
-"""Static checks of the launch file, setup.py and package.xml against the node's contract.
+"""Static checks of the launch files, setup.py and package.xml against the node's contract.
 
-`launch` and `launch_ros` are not installable here, so the launch file is read with `ast`,
-never imported. Parameter names come from the config schema the node declares them from.
+The launch files run for real in test/launch (slow, DDS, with launch from ../shared/ros-extras);
+these checks need neither: the files are read with `ast`, never imported, and compared with
+the config schema the node declares its parameters from.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from malmm_ros.config import AnticipateConfig
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = 'malmm_ros'
 LAUNCH_FILE = ROOT / 'launch' / 'anticipate.launch.py'
+CAMERAS_FILE = ROOT / 'launch' / 'cameras.launch.py'
 EXECUTABLE = 'anticipate'
 
 
@@ -39,6 +41,10 @@ def _kwargs(call: ast.Call) -> dict[str, ast.expr]:
 def _literal(node: ast.expr | None) -> Any:
     assert node is not None
     return ast.literal_eval(node)
+
+
+def _functions(tree: ast.Module) -> set[str]:
+    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
 
 
 @pytest.fixture(scope='module')
@@ -176,9 +182,29 @@ def test_remaps_the_image_topics(node_call: ast.Call) -> None:
     assert _literal(kwargs['output']) == 'screen'
 
 
-def test_launch_file_is_installed(setup_call: ast.Call) -> None:
+@pytest.mark.parametrize('path', [LAUNCH_FILE, CAMERAS_FILE], ids=lambda p: p.name)
+def test_launch_file_is_installed(setup_call: ast.Call, path: Path) -> None:
     assert 'launch/*.launch.py' in _data_files(setup_call)[f'share/{PACKAGE}/launch']
-    assert LAUNCH_FILE.name.endswith('.launch.py')
+    assert path.name.endswith('.launch.py') and path.is_file()
+    assert _functions(ast.parse(path.read_text())) >= {'generate_launch_description'}
+
+
+def test_cameras_file_defines_only_its_own_argument(launch_tree: ast.Module) -> None:
+    """cameras.launch.py includes anticipate.launch.py per camera and declares its arguments
+    from that file (one definition each): the only literal declaration is `cameras`, and the
+    ones it sets per camera are anticipate's."""
+    tree = ast.parse(CAMERAS_FILE.read_text())
+    literal = [c.args[0] for c in _calls(tree, 'DeclareLaunchArgument')
+               if isinstance(c.args[0], ast.Constant)]
+    assert [_literal(name) for name in literal] == ['cameras']
+    per_camera = next(_literal(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                      and any(isinstance(t, ast.Name) and t.id == 'PER_CAMERA'
+                              for t in n.targets))
+    declared = {_literal(c.args[0]) for c in _calls(launch_tree, 'DeclareLaunchArgument')}
+    assert set(per_camera) == {'namespace', 'image_topic'} and set(per_camera) <= declared
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}
+    assert LAUNCH_FILE.name in strings, 'cameras.launch.py must include anticipate.launch.py'
+    assert not _calls(tree, 'Node'), 'nodes come from anticipate.launch.py only'
 
 
 def test_package_xml() -> None:
