@@ -53,10 +53,26 @@ def launch_tree() -> ast.Module:
 
 
 @pytest.fixture(scope='module')
-def node_call(launch_tree: ast.Module) -> ast.Call:
-    calls = _calls(launch_tree, 'Node')
-    assert len(calls) == 1, f'expected one Node action, found {len(calls)}'
-    return calls[0]
+def node_actions(launch_tree: ast.Module) -> dict[str, ast.Call]:
+    """The plain Node and, for managed:=true, the LifecycleNode: one of each."""
+    actions = {name: _calls(launch_tree, name) for name in ('Node', 'LifecycleNode')}
+    assert all(len(calls) == 1 for calls in actions.values()), actions
+    return {name: calls[0] for name, calls in actions.items()}
+
+
+@pytest.fixture(scope='module')
+def node_kwargs(launch_tree: ast.Module, node_actions: dict[str, ast.Call]
+                ) -> dict[str, ast.expr]:
+    """The keyword arguments both node actions take: one dict `**`-unpacked into each, so the
+    plain and the managed node cannot drift apart."""
+    unpacked = [{k.value.id for k in call.keywords if k.arg is None
+                 and isinstance(k.value, ast.Name)} for call in node_actions.values()]
+    assert all(len(names) == 1 for names in unpacked) and unpacked[0] == unpacked[1], unpacked
+    (name,) = unpacked[0]
+    value = next(n.value for n in ast.walk(launch_tree) if isinstance(n, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == name for t in n.targets))
+    assert isinstance(value, ast.Dict)
+    return {_literal(key): item for key, item in zip(value.keys, value.values, strict=True)}
 
 
 @pytest.fixture(scope='module')
@@ -100,8 +116,8 @@ def _text(node: ast.expr) -> str:
 
 def test_declares_exactly_the_launch_arguments(launch_tree: ast.Module) -> None:
     names = [_literal(c.args[0]) for c in _calls(launch_tree, 'DeclareLaunchArgument')]
-    assert sorted(names) == sorted(
-        ['image_topic', 'input_transport', 'backend', 'params_file', 'namespace'])
+    assert sorted(names) == sorted(['image_topic', 'input_transport', 'backend', 'params_file',
+                                    'namespace', 'managed', 'autostart'])
     used = {_literal(c.args[0]) for c in _calls(launch_tree, 'LaunchConfiguration')}
     assert used == set(names), 'every declared argument is used, and only those'
 
@@ -111,6 +127,7 @@ def test_argument_defaults_are_valid(launch_tree: ast.Module) -> None:
                 for c in _calls(launch_tree, 'DeclareLaunchArgument')}
     assert _literal(defaults['image_topic']) == '/camera/image_raw'
     assert _literal(defaults['namespace']) == ''
+    assert _literal(defaults['managed']) == _literal(defaults['autostart']) == 'false'
     # The same values the config schema accepts, so the launch defaults match the yaml's.
     config = AnticipateConfig()
     for name in ('input_transport', 'backend'):
@@ -136,8 +153,9 @@ def test_default_params_file_is_the_installed_config(launch_tree: ast.Module,
     assert 'config/*.yaml' in _data_files(setup_call)[f'share/{PACKAGE}/config']
 
 
-def test_node_runs_the_installed_executable(node_call: ast.Call, setup_call: ast.Call) -> None:
-    kwargs = _kwargs(node_call)
+def test_node_runs_the_installed_executable(node_kwargs: dict[str, ast.expr],
+                                            setup_call: ast.Call) -> None:
+    kwargs = node_kwargs
     assert _literal(kwargs['package']) == PACKAGE
     assert _literal(kwargs['executable']) == EXECUTABLE
     assert _literal(kwargs['name']) == 'malmm_anticipate'
@@ -159,8 +177,21 @@ def test_console_script_exists(setup_call: ast.Call) -> None:
     assert 'malmm-demo' in scripts
 
 
-def test_parameter_overrides_are_node_parameters(node_call: ast.Call) -> None:
-    params = _kwargs(node_call)['parameters']
+def test_managed_selects_the_lifecycle_node(node_actions: dict[str, ast.Call]) -> None:
+    """managed:=true starts `anticipate --managed` as a LifecycleNode instead of the Node."""
+    plain, managed = (_kwargs(node_actions[name]) for name in ('Node', 'LifecycleNode'))
+    for kwargs, condition in ((plain, 'UnlessCondition'), (managed, 'IfCondition')):
+        call = kwargs['condition']
+        assert isinstance(call, ast.Call) and _call_name(call) == condition
+        assert isinstance(call.args[0], ast.Name) and call.args[0].id == 'managed'
+    assert 'arguments' not in plain
+    assert _literal(managed['arguments']) == ['--managed']
+    main = (ROOT / 'malmm_ros' / 'ros' / 'anticipate_main.py').read_text()
+    assert "'--managed'" in main, 'the node no longer takes --managed'
+
+
+def test_parameter_overrides_are_node_parameters(node_kwargs: dict[str, ast.expr]) -> None:
+    params = node_kwargs['parameters']
     assert isinstance(params, ast.List) and len(params.elts) == 2
     first, overrides = params.elts
     # The file comes first so the explicit arguments override it.
@@ -171,8 +202,8 @@ def test_parameter_overrides_are_node_parameters(node_call: ast.Call) -> None:
     assert names <= set(AnticipateConfig().to_parameters())
 
 
-def test_remaps_the_image_topics(node_call: ast.Call) -> None:
-    kwargs = _kwargs(node_call)
+def test_remaps_the_image_topics(node_kwargs: dict[str, ast.expr]) -> None:
+    kwargs = node_kwargs
     remaps = kwargs['remappings']
     assert isinstance(remaps, ast.List)
     sources = [_literal(pair.elts[0]) for pair in remaps.elts if isinstance(pair, ast.Tuple)]
