@@ -34,7 +34,7 @@ from malmm_ros.imaging import decode_compressed, decode_image, encode_bgr8
 from malmm_ros.pipeline import AnticipationPipeline, Prediction
 from malmm_ros.pipeline.sampler import Admission
 from malmm_ros.ros.description_worker import DescriptionWorker
-from malmm_ros.ros.diagnostics import NodeStats, diagnostic_array, starved_message
+from malmm_ros.ros.diagnostics import NodeStats, diagnostic_array, starved_message, timer_clock
 from malmm_ros.ros.latest_slot import LatestSlot
 from malmm_ros.ros.log_bridge import route_core_logging
 from malmm_ros.ros.overlay import draw_overlay
@@ -128,7 +128,8 @@ class AnticipationMixin:
         self._outputs = [self.actions_pub, self.labels_pub, self.overlay_pub,
                          self.description_pub, self.diagnostics_pub,
                          self.create_service(Trigger, '~/reset', self.reset_callback),
-                         self.create_timer(1.0, self.diagnostics_callback)]
+                         self.create_timer(1.0, self.diagnostics_callback,
+                                           clock=timer_clock())]  # reports while sim time stops
 
     def _close_outputs(self) -> None:
         for entity in self._outputs:
@@ -171,7 +172,7 @@ class AnticipationMixin:
         camera_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=qos.depth,
                                 reliability=reliability)
         with self.stats.lock:  # silence counts from here: an inactive node is not starved
-            self.stats.started, self.stats.last_frame_time = time.monotonic(), None
+            self.stats.count_from_now()
         self._subscription = self.create_subscription(
             self._input_kind, self.input_topic, self.image_callback, camera_qos)
         self._active = True
@@ -208,6 +209,7 @@ class AnticipationMixin:
         with self.stats.lock:
             self.stats.frames_in += 1
             self.stats.last_frame_time = arrival * 1e-9
+            self.stats.camera.frame(arrival, self.get_clock().now().nanoseconds)
         try:
             stamp = stamp_ns(msg.header.stamp)
         except FrameError as exc:
@@ -296,12 +298,14 @@ class AnticipationMixin:
     def diagnostics_callback(self) -> None:
         pipeline = self.pipeline
         sampler = pipeline.sampler
-        silence = self.stats.silence_s()
+        clock = self.get_clock()  # sim time with use_sim_time: a paused /clock is not silence
+        quiet = self.stats.camera.check(time.monotonic_ns(), clock.now().nanoseconds,
+                                        sim_time=clock.ros_time_is_active,
+                                        stale_after_s=self.config.stale_after_s)
         starved = None
-        if self._active and silence > self.config.stale_after_s:
-            with self.stats.lock:
-                never = self.stats.last_frame_time is None
-            starved = starved_message(self, self.input_topic, silence, never=never)
+        if self._active and quiet.starved:
+            starved = starved_message(self, self.input_topic, quiet.silence_s,
+                                      never=quiet.never, clock=quiet.clock)
             self.get_logger().warning(starved, throttle_duration_sec=THROTTLE_S)
         problem = None
         if sampler.problem:
@@ -317,7 +321,7 @@ class AnticipationMixin:
             hardware_id=pipeline.encoder.name, stats=self.stats, dropped=self.slot.dropped,
             backend=pipeline.encoder.name, device=self.config.device,
             trained=pipeline.trained, starved=starved, stamp_problem=problem, extra=extra,
-            text=self._text_values()))
+            text=self._text_values(), staleness=quiet))
 
     # -- worker -----------------------------------------------------------------------------
 

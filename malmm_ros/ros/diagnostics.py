@@ -10,10 +10,19 @@ from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.clock import Clock
+from rclpy.clock_type import ClockType
 
 from malmm_ros.ros.staleness import CameraSilence, Staleness
 
-__all__ = ['NodeStats', 'diagnostic_array', 'starved_message']
+__all__ = ['NodeStats', 'diagnostic_array', 'starved_message', 'timer_clock']
+
+
+def timer_clock() -> Clock:
+    """The diagnostics timer's clock: steady, because a node timer runs on the node's clock,
+    which with use_sim_time stands still while /clock is paused or absent, and a node that
+    stops reporting then would look dead."""
+    return Clock(clock_type=ClockType.STEADY_TIME)
 
 
 @dataclass
@@ -37,6 +46,12 @@ class NodeStats:
     _previous: tuple[float, int, int, int] | None = None  # (time, in, processed, dropped)
 
     def __post_init__(self) -> None:
+        self.camera = CameraSilence(round(self.started * 1e9))
+
+    def count_from_now(self) -> None:
+        """Silence counts from now, in both clocks (a node that starts taking frames); call
+        with `lock` held."""
+        self.started, self.last_frame_time = time.monotonic(), None
         self.camera = CameraSilence(round(self.started * 1e9))
 
     def silence_s(self) -> float:

@@ -94,11 +94,13 @@ def next_tick(due_ns: int, period_ns: int, now_ns: int) -> int:
 
 class BagClock:
     """The time /clock shows: held (before the first message, after the end) or running at
-    `rate` from the newest anchor (each pass's first message). Thread-safe: replay() moves it,
-    the publishing thread reads it."""
+    `rate` from the newest anchor (each pass's first message), never past `end_ns` (a replay
+    without --loop: between its last message and hold() a tick must not overshoot the bag).
+    Thread-safe: replay() moves it, the publishing thread reads it."""
 
-    def __init__(self, start_bag_ns: int, rate: float = 1.0) -> None:
-        self.rate = rate
+    def __init__(self, start_bag_ns: int, rate: float = 1.0, *, end_ns: int | None = None
+                 ) -> None:
+        self.rate, self.end_ns = rate, end_ns
         self._lock = threading.Lock()
         self._held: int | None = start_bag_ns
         self._anchor = (0, start_bag_ns)
@@ -119,8 +121,9 @@ class BagClock:
             if self._held is not None:
                 return self._held
             anchor_wall, anchor_bag = self._anchor
-        return bag_time_ns(wall_ns, anchor_wall_ns=anchor_wall, anchor_bag_ns=anchor_bag,
-                           rate=self.rate)
+        now = bag_time_ns(wall_ns, anchor_wall_ns=anchor_wall, anchor_bag_ns=anchor_bag,
+                          rate=self.rate)
+        return now if self.end_ns is None else min(now, self.end_ns)
 
 
 @dataclass
@@ -370,8 +373,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def _run(args: argparse.Namespace, ros_argv: list[str]) -> int:
     plan, per_pass = _plan(args)
-    clock = BagClock(_first_log_time(args.bag, list(plan)), args.rate) \
-        if args.clock is not None else None
+    clock = None
+    if args.clock is not None:  # the bag's end: all topics' (exact for a camera-only bag)
+        end_ns = None if args.loop else bag_info(args.bag)['end_ns']
+        clock = BagClock(_first_log_time(args.bag, list(plan)), args.rate, end_ns=end_ns)
     stats = ReplayStats()
     print(f'malmm-replay: {apply_default_profile()}', file=sys.stderr, flush=True)
     rclpy.init(args=ros_argv)

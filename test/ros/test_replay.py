@@ -270,6 +270,13 @@ def test_bag_clock_holds_runs_and_holds() -> None:
     assert clock.now(200 * S) == 1_000 * S
 
 
+def test_bag_clock_never_runs_past_the_end() -> None:
+    clock = BagClock(1_000 * S, end_ns=1_004 * S)
+    clock.run(10 * S, 1_000 * S)
+    assert clock.now(13 * S) == 1_003 * S
+    assert clock.now(15 * S) == clock.now(60 * S) == 1_004 * S
+
+
 class _VirtualTime:
     """time.monotonic / monotonic_ns / sleep of the replay module on a clock the test owns, so
     that replay()'s schedule and its clock are checked exactly, whatever the machine's load."""
