@@ -317,7 +317,9 @@ class AnticipationMixin:
                  'memory_clock': 'arrival' if sampler.by_arrival else 'stamp',
                  **self._state_values()}
         self.diagnostics_pub.publish(diagnostic_array(
-            self.get_clock().now().to_msg(), name=f'{self.get_name()}: anticipation',
+            # `left/malmm_anticipate: ...` with a namespace, so cameras' statuses differ
+            self.get_clock().now().to_msg(),
+            name=f'{self.get_fully_qualified_name().lstrip("/")}: anticipation',
             hardware_id=pipeline.encoder.name, stats=self.stats, dropped=self.slot.dropped,
             backend=pipeline.encoder.name, device=self.config.device,
             trained=pipeline.trained, starved=starved, stamp_problem=problem, extra=extra,

@@ -127,6 +127,7 @@ def diagnostic_array(stamp, *, name: str, hardware_id: str, stats: NodeStats, dr
     return array
 
 
+OVERLAY_SUFFIX = '/malmm/overlay'  # ours, or another camera's node's: no camera either
 IMAGE_TYPES = ('sensor_msgs/Image', 'sensor_msgs/CompressedImage')
 
 
@@ -138,7 +139,8 @@ def starved_message(node: Any, input_topic: str, silence: float, *, never: bool,
     own = {name for name, _ in node.get_publisher_names_and_types_by_node(
         node.get_name(), node.get_namespace())}  # malmm/overlay is no camera
     for name, types in node.get_topic_names_and_types():
-        if name in own or name == input_topic and node.count_publishers(name) == 0:
+        if name in own or name.endswith(OVERLAY_SUFFIX) or (
+                name == input_topic and node.count_publishers(name) == 0):
             continue  # our output, or only our own subscription there
         for kind in types:
             short = kind.replace('/msg/', '/')

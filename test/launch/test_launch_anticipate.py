@@ -40,7 +40,7 @@ from support.ros_driver import (
 )
 
 PACKAGE = 'malmm_ros'
-DEFAULTS_DOMAIN, ARGUMENTS_DOMAIN, *_ = domain_ids(__file__)
+DEFAULTS_DOMAIN, ARGUMENTS_DOMAIN = domain_ids(__file__)
 START_S = 120.0  # a node start on a busy 2-core machine: imports, encoder, model
 pytestmark = pytest.mark.slow  # each launch starts a node (seconds)
 

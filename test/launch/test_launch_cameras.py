@@ -73,6 +73,10 @@ def test_two_cameras_each_predict_from_their_own_frames(installed_env: dict[str,
         def listening() -> set[str]:
             return {status['values'].get('input_topic') for status in diagnostics.items()}
 
+        def status_names() -> dict[str, str]:  # input topic -> the status name of its node
+            return {status['values'].get('input_topic'): status['name']
+                    for status in diagnostics.items()}
+
         def publish(_: int) -> None:
             for name, publisher in publishers.items():  # both cameras at once
                 stamp = clocks[name].next()
@@ -87,6 +91,9 @@ def test_two_cameras_each_predict_from_their_own_frames(installed_env: dict[str,
                                    for n in cameras) and set(cameras.values()) <= listening(),
                        'both nodes to come up', timeout=START_S, process=launch)
             assert sorted(launch.started()) == ['anticipate-1', 'anticipate-2'], launch.log()
+            names = status_names()  # each camera's /diagnostics status is its own
+            assert {names[topic] for topic in cameras.values()} == {
+                f'{name}/malmm_anticipate: anticipation' for name in cameras}, names
             publish_until(publish, lambda: all(len(actions[n]) >= 3 for n in cameras),
                           'three predictions from each camera', launch=launch)
             received = {name: inbox.items() for name, inbox in actions.items()}

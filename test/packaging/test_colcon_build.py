@@ -27,6 +27,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.mark.parametrize('relative', [
     f'share/{PACKAGE}/package.xml',
     f'share/{PACKAGE}/launch/anticipate.launch.py',
+    f'share/{PACKAGE}/launch/cameras.launch.py',
     f'share/{PACKAGE}/config/anticipate.yaml',
     f'share/ament_index/resource_index/packages/{PACKAGE}',
 ])

@@ -44,7 +44,7 @@ from support.ros_driver import (
 )
 
 # The node fed a hand-made /clock; the node fed by malmm-replay --clock; two spare ids.
-SIM_DOMAIN_ID, REPLAY_DOMAIN_ID, _, _ = domain_ids(__file__)
+SIM_DOMAIN_ID, REPLAY_DOMAIN_ID = domain_ids(__file__)
 S = 1_000_000_000
 STALE_AFTER_S = 1.0
 PARAMS = ['use_sim_time:=true', f'stale_after_s:={STALE_AFTER_S}', 'sample_fps:=0.0',

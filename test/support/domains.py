@@ -43,8 +43,8 @@ DOMAINS: dict[str, tuple[int, ...]] = {
     'ros/test_replay.py': tuple(range(50, 60)),  # one per test, in turn
     'robot_pythons/test_node_runtime_onnx.py': (35, 36, 37),  # Python 3.10, main, 3.12
     'ros/test_node_lifecycle.py': (38, 39),  # the managed node, its failing configure
-    'ros/test_sim_time.py': (40, 41, 43, 44),
-    'launch/test_launch_anticipate.py': (45, 46, 47, 48, 49),
+    'ros/test_sim_time.py': (40, 41),
+    'launch/test_launch_anticipate.py': (45, 46),
     'launch/test_launch_cameras.py': (60,),
     'launch/test_launch_managed.py': (62, 63),
 }

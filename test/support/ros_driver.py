@@ -367,7 +367,8 @@ def level_of(status: DiagnosticStatus) -> int:
 def node_diagnostics(msg: DiagnosticArray) -> dict[str, Any] | None:
     """The node's status of a /diagnostics message as a dict (None if it is someone else's)."""
     for status in msg.status:
-        if status.name.startswith(f'{NODE_NAME}:'):
+        node = status.name.partition(':')[0]  # `malmm_anticipate`, `left/malmm_anticipate`
+        if node == NODE_NAME or node.endswith(f'/{NODE_NAME}'):
             return {'level': level_of(status), 'message': status.message,
                     'name': status.name, 'hardware_id': status.hardware_id,
                     'stamp_ns': stamp_ns_of(msg.header.stamp),
