@@ -1,7 +1,8 @@
 """managed:=true in the launch files, run for real: the lifecycle node (`anticipate --managed`)
 instead of the plain one.
 
-With autostart:=true the launch configures and activates it, and frames give predictions. With
+With autostart:=true the launch configures and activates it, and frames give predictions; that
+node runs as a robot would, torch-free from a bundle (runtime onnx in its params file). With
 managed:=true alone (here through cameras.launch.py, which passes managed on to each camera's
 node) it comes up unconfigured and off the camera; predictions start once this test configures
 and activates it over its lifecycle services. Either way ctrl-c (SIGINT to the group) ends
@@ -84,10 +85,11 @@ def managed_command(launch: LaunchProcess) -> list[str]:
     return Path(f'/proc/{pid}/cmdline').read_bytes().decode().split('\0')
 
 
-def test_autostart_configures_and_activates(installed_env: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_autostart_configures_and_activates(installed_env: dict[str, str], tmp_path: Path,
+                                            edge_bundle: Path) -> None:
+    """As a robot runs it: the torch-free runtime from a bundle, set in the params file."""
     params_file = tmp_path / 'params.yaml'
-    params_file.write_text(PARAMS_FILE)
+    params_file.write_text(PARAMS_FILE + f'    runtime: onnx\n    bundle: {edge_bundle}\n')
     arguments = {'managed': 'true', 'autostart': 'true', 'params_file': str(params_file)}
     env = launch_env(installed_env, AUTOSTART_DOMAIN, tmp_path)
     driver = Driver(AUTOSTART_DOMAIN)
@@ -103,12 +105,17 @@ def test_autostart_configures_and_activates(installed_env: dict[str, str],
                           launch=launch)
             state = lifecycle_state(driver, f'/{NODE_NAME}', launch)
             command = managed_command(launch)
+            (pid,) = launch.started().values()
+            loaded = Path(f'/proc/{pid}/maps').read_text()
+            log = launch.log()
             launch.stop_cleanly(processes=1)
     finally:
         driver.close()
 
     assert state == State.PRIMARY_STATE_ACTIVE
     assert '--managed' in command[:command.index('--ros-args')], command
+    assert 'libtorch' not in loaded, 'runtime onnx mapped libtorch'
+    assert 'int8' in log, log[-2000:]  # precision auto: the bundle's INT8 encoder
     predictions = camera.actions.items()
     assert all(p['frame_id'] == 'managed_camera' and stamp_ns_of(p['stamp']) in camera.sent
                for p in predictions), predictions
