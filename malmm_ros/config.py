@@ -160,8 +160,8 @@ class TextConfig:
 
     enabled: bool = spec(False, 'describe the memory in words with a local LLM (needs '
                          'text.model_path)')
-    model_path: str = spec('', 'local Hugging Face causal LM folder (config.json, weights, '
-                           'tokenizer); read offline, never downloaded')
+    model_path: str = spec('', 'local causal LM: a .gguf file or a Hugging Face folder '
+                           '(config.json, weights, tokenizer); read offline, never downloaded')
     every_n_predictions: int = spec(5, 'describe every n-th prediction; a request while the '
                                     'LLM is still busy is dropped (counted)', 1, 100000)
     max_new_tokens: int = spec(24, 'longest description, in tokens', 1, 1024)
@@ -170,12 +170,15 @@ class TextConfig:
     decoding: str = spec('greedy', 'greedy: one best token at a time; beam: beam search',
                          choices=('greedy', 'beam'))
     num_beams: int = spec(3, 'beams of beam decoding (decoding: beam)', 2, 16)
+    grounding: bool = spec(True, 'name the prediction\'s top-5 verbs and nouns in words in '
+                           'the prompt, after the projected queries (false: the queries and '
+                           'prompt only, MA-LMM\'s soft prompt)')
 
     def __post_init__(self) -> None:
         validate_fields(self, 'text')
         if self.enabled and not self.model_path.strip():
             raise ConfigError('text.enabled is true but text.model_path is empty; set it to a '
-                              'local Hugging Face model folder')
+                              'local .gguf file or Hugging Face model folder')
 
 
 @dataclass(frozen=True)

@@ -221,9 +221,13 @@ def load_text_projector(path: str | os.PathLike) -> TextProjector | None:
             raise CheckpointError(f'checkpoint {path}: bad metadata: {_PROJECTOR_KEY}.{name} '
                                   f'must be a{" positive integer" if kind is int else " string"},'
                                   f' got {value!r}')
+    sha256 = stored.get('llm_sha256', '')  # GGUF models only
+    if not isinstance(sha256, str) or (sha256 and len(sha256) != 64):
+        raise CheckpointError(f'checkpoint {path}: bad metadata: {_PROJECTOR_KEY}.llm_sha256 '
+                              f'must be a sha256 hex string, got {sha256!r}')
     projector = TextProjector(stored['qformer_hidden_size'], stored['llm_hidden_size'],
                               llm_name=stored['llm_name'], prompt=stored['prompt'],
-                              source=str(path))
+                              source=str(path), llm_sha256=sha256)
     state = {name[len(TEXT_PROJECTOR_PREFIX):]: tensor for name, tensor in
              _read_tensors(path, lambda name: name.startswith(TEXT_PROJECTOR_PREFIX)).items()}
     expected = projector.state_dict()

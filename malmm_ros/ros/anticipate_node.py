@@ -396,7 +396,10 @@ class AnticipationMixin:
         if self._predictions_undescribed < self.config.text.every_n_predictions:
             return
         self._predictions_undescribed = 0
-        self.text.submit(queries, prediction.stamp_ns, prediction.frame_id)
+        from malmm_ros.model.text import Grounding  # loaded already: the describer is
+
+        self.text.submit(queries, prediction.stamp_ns, prediction.frame_id,
+                         Grounding.from_prediction(prediction))
 
     def _publish_description(self, description: Description) -> None:
         self.description_pub.publish(String(data=json.dumps(description.to_dict(),

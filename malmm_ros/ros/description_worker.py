@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch only where text is on: runtime onnx never imports it
     import torch
 
-    from malmm_ros.model.text import Description, TextDescriber
+    from malmm_ros.model.text import Description, Grounding, TextDescriber
 
 __all__ = ['DescriptionWorker']
 
@@ -42,7 +42,8 @@ class DescriptionWorker:
         self._publish = publish
         self._on_error = on_error
         self._cond = threading.Condition()
-        self._request: tuple[TextDescriber, torch.Tensor, int, str] | None = None
+        self._request: tuple[TextDescriber, torch.Tensor, int, str, Grounding | None] | None \
+            = None
         self._busy = False
         self._stop = threading.Event()
         self.requested = 0
@@ -58,9 +59,10 @@ class DescriptionWorker:
         with self._cond:
             return self._busy
 
-    def submit(self, queries: torch.Tensor, stamp_ns: int, frame_id: str = '') -> bool:
-        """Ask for a description of `queries` [1, Q, D]; False if dropped (busy or no
-        describer)."""
+    def submit(self, queries: torch.Tensor, stamp_ns: int, frame_id: str = '',
+               grounding: Grounding | None = None) -> bool:
+        """Ask for a description of `queries` [1, Q, D] (and the prediction they made, to name
+        in the prompt); False if dropped (busy or no describer)."""
         describer = self.describer
         if describer is None:
             return False
@@ -70,7 +72,7 @@ class DescriptionWorker:
                 self.dropped_busy += 1
                 return False
             self._busy = True
-            self._request = (describer, queries, int(stamp_ns), frame_id)
+            self._request = (describer, queries, int(stamp_ns), frame_id, grounding)
             self._cond.notify()
             return True
 
@@ -108,10 +110,10 @@ class DescriptionWorker:
                 request, self._request = self._request, None
             if request is None:
                 continue
-            describer, queries, stamp_ns, frame_id = request
+            describer, queries, stamp_ns, frame_id, grounding = request
             try:
                 description = describer.generate(queries, stamp_ns=stamp_ns, frame_id=frame_id,
-                                                 cancel=self._stop.is_set)
+                                                 cancel=self._stop.is_set, grounding=grounding)
                 if description is not None:
                     self._publish(description)
             except Exception as exc:  # the thread must outlive any one description

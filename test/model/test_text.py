@@ -25,6 +25,7 @@ from malmm_ros.model.text import (
     IGNORE_INDEX,
     Description,
     GenerationOptions,
+    Grounding,
     TextDescriber,
     TextProjector,
     llm_name,
@@ -131,7 +132,7 @@ def test_hub_name_is_not_looked_up(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_file_instead_of_folder(tmp_path: Path) -> None:
     path = tmp_path / 'model.safetensors'
     path.write_bytes(b'not a folder')
-    with pytest.raises(CheckpointError, match='is not a folder'):
+    with pytest.raises(CheckpointError, match='is neither a .gguf file nor a folder'):
         TextDescriber.load(path, WIDTH)
 
 
@@ -267,7 +268,10 @@ def test_description_json() -> None:
     data = json.loads(json.dumps(description.to_dict()))
     assert data == {'schema': DESCRIPTION_SCHEMA, 'stamp': {'sec': 5, 'nanosec': 7},
                     'frame_id': 'cam', 'text': 'open the fridge', 'num_tokens': 4,
-                    'latency_ms': 12.346, 'model': 'tiny', 'trained': True}
+                    'latency_ms': 12.346, 'model': 'tiny', 'trained': True, 'grounding': None}
+    grounded = Description(text='x', num_tokens=1, latency_ms=1.0, model='tiny', trained=False,
+                           grounding=Grounding(verbs=('take', 'open'), nouns=('knife',)))
+    assert grounded.to_dict()['grounding'] == {'verbs': ['take', 'open'], 'nouns': ['knife']}
 
 
 # -- caption loss -----------------------------------------------------------------------------

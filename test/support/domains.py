@@ -39,6 +39,7 @@ DOMAINS: dict[str, tuple[int, ...]] = {
     'ros/test_node_termination.py': (30,),
     'ros/test_node_text.py': (31, 32),  # the node with a quick LLM, the one with a slow LLM
     'ros/test_node_text_startup.py': (33,),
+    'ros/test_node_text_real.py': (47,),  # the node with the real SmolLM2 GGUF
     'ros/test_parameters.py': (34,),
     'ros/test_replay.py': tuple(range(50, 60)),  # one per test, in turn
     'robot_pythons/test_node_runtime_onnx.py': (35, 36, 37),  # Python 3.10, main, 3.12
