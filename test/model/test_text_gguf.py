@@ -200,3 +200,27 @@ def test_damaged_gguf_files_are_refused(gguf_bytes: bytes, tmp_path: Path, kind:
 def test_missing_gguf_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match='does not exist'):
         inspect_gguf(tmp_path / 'absent.gguf')
+
+
+# -- projectors record the file ---------------------------------------------------------------
+
+@needs_model
+def test_a_projector_for_another_gguf_file_is_refused(tmp_path: Path) -> None:
+    """Same metadata name and width, other bytes (another quantization): refused by sha256."""
+    from malmm_ros.labels import LabelMaps
+    from malmm_ros.model.checkpoint import load_text_projector, save_checkpoint
+    from malmm_ros.model.malmm import MalmmModel
+    from malmm_ros.model.text import TextProjector
+
+    info = inspect_gguf(GGUF)
+    config = AnticipateConfig().model
+    path = tmp_path / 'captioned.safetensors'
+    other = TextProjector(config.hidden_size, 576, llm_name=info.name, llm_sha256='0' * 64)
+    save_checkpoint(path, MalmmModel(config, LabelMaps.placeholder()), text_projector=other)
+    projector = load_text_projector(path)
+    assert projector is not None and projector.llm_sha256 == '0' * 64
+    with pytest.raises(CheckpointError, match='sha256 000000000000'):
+        TextDescriber.load(GGUF, config.hidden_size, projector=projector)
+    # The file's own sha256: accepted, and the describer says its projector is trained.
+    projector.llm_sha256 = info.sha256
+    assert TextDescriber.load(GGUF, config.hidden_size, projector=projector).trained
