@@ -262,8 +262,9 @@ def test_sigint_during_a_slow_description_exits_cleanly(slow_session: NodeSessio
     is not asserted: a loaded machine decides that)."""
     session = slow_session
     session.predict(lambda stamp: _frame(stamp, 1, 'last'), 'a prediction to describe')
+    # As in _describer_idle: the cores may be shared with other busy processes.
     session.wait_until(lambda: session.latest_diagnostics()['values'].get('text_busy') == 'True',
-                       'the describer to be busy')
+                       'the describer to be busy', timeout=240.0)
     code = session.process.stop(signal.SIGINT)
     assert code == 0, session.process.describe()
     assert 'Traceback' not in session.process.stderr()

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from malmm_ros.ros.node_harness import local_ros_environment
+from support.child_process import WAIT_S, ChildProcess
 from support.domains import ASSIGNED
-from support.ros_driver import WAIT_S
 
 __all__ = ['ESCALATION', 'LaunchProcess', 'group_members', 'launch_env', 'publish_until']
 
@@ -74,11 +74,14 @@ def group_members(pgid: int) -> list[str]:
     return found
 
 
-class LaunchProcess:
+class LaunchProcess(ChildProcess):
     """`ros2 launch malmm_ros FILE name:=value ...` as a subprocess in its own session.
 
     Use as a context manager (or call kill() in a finally): nothing it started outlives the test.
     """
+
+    kind = 'launch'
+    tail_chars = 4000
 
     def __init__(self, launch_file: str, arguments: Mapping[str, str], *,
                  env: Mapping[str, str], log_path: Path) -> None:
@@ -91,24 +94,12 @@ class LaunchProcess:
                                          stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         self.pgid = self.proc.pid  # a session leader leads its process group
-
-    def __enter__(self) -> LaunchProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        self.output_name = f'log ({log_path})'
 
     def log(self) -> str:
         return self.log_path.read_text(errors='replace')
 
-    def describe(self) -> str:
-        """Exit status and the tail of the log, for assertion messages."""
-        status = 'running' if self.alive else f'exited with {self.proc.returncode}'
-        return f'launch {status}; log tail ({self.log_path}):\n{self.log()[-4000:]}'
+    output = log
 
     def check_alive(self) -> None:
         """Fails when launch ended or any process it started died (it keeps running then)."""
@@ -118,15 +109,6 @@ class LaunchProcess:
         died = DIED.findall(log) + CLEAN.findall(log)
         if died:
             raise AssertionError(f'a launched process ended: {died}\n{self.describe()}')
-
-    def wait_exit(self, timeout: float = WAIT_S) -> int:
-        """The launch's exit status; kills the group and fails if it does not end in time."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f'launch did not exit within {timeout} s: {self.describe()}'
-                                 ) from None
 
     def interrupt(self, timeout: float = WAIT_S) -> int:
         """Ctrl-c in the terminal: SIGINT to the group; returns launch's exit status once it
@@ -176,12 +158,7 @@ class LaunchProcess:
                 os.killpg(self.pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a kernel problem
-            pass
+        super().kill()
 
 
 def publish_until(publish: Callable[[int], None], done: Callable[[], Any], what: str, *,

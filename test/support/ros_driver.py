@@ -38,6 +38,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from support.child_process import WAIT_S, ChildProcess
 from support.domains import ASSIGNED
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,6 @@ CONFIG = ROOT / 'config' / 'anticipate.yaml'
 FASTDDS_PROFILE = ROOT / 'config' / 'fastdds.xml'
 NODE_NAME = 'malmm_anticipate'
 CAMERA_TOPIC = '/camera/image_raw'
-WAIT_S = 60.0  # generous: the machine has 2 cores and may be busy with other work
 
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
                       reliability=ReliabilityPolicy.RELIABLE)
@@ -88,13 +88,16 @@ def ros_env(domain_id: int) -> dict[str, str]:
 # -- the node process ------------------------------------------------------------------------
 
 
-class NodeProcess:
+class NodeProcess(ChildProcess):
     """malmm-anticipate with config/anticipate.yaml, the camera remapped to /camera/image_raw
     (and its /compressed), `-p num_threads:=1` and extra `-p` args.
 
     stdout and stderr go to files (a full pipe can never block the node). Use as a context
     manager or call kill() in a finally: the process never outlives the test.
     """
+
+    kind = 'node'
+    output_name = 'stderr'
 
     def __init__(self, domain_id: int, params: Iterable[str] = (), *, log_dir: Path,
                  name: str = 'node', params_file: Path = CONFIG, managed: bool = False
@@ -113,50 +116,20 @@ class NodeProcess:
             self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=ros_env(domain_id),
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err)
 
-    def __enter__(self) -> NodeProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors='replace')
 
-    def describe(self) -> str:
-        """Exit status and the tail of stderr, for assertion messages."""
-        status = 'running' if self.alive else f'exited with {self.proc.returncode}'
-        return f'node {status}; stderr tail:\n{self.stderr()[-3000:]}'
+    output = stderr
 
     def check_alive(self) -> None:
         if not self.alive:
             raise AssertionError(f'malmm_anticipate died: {self.describe()}')
-
-    def wait_exit(self, timeout: float = WAIT_S) -> int:
-        """Exit status; kills the process and fails if it does not end within `timeout`."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f'node did not exit within {timeout} s: {self.describe()}'
-                                 ) from None
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = WAIT_S) -> int:
         """Send `sig` and return the exit status (kill and fail if it does not end)."""
         if self.alive:
             self.proc.send_signal(sig)
         return self.wait_exit(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a kernel problem
-                pass
 
 
 class CameraStream:
